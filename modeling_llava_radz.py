@@ -1,0 +1,506 @@
+"""LLaVA-RadZ: a LLaVA model read as a CLIP-style zero-shot classifier (arXiv 2503.07487).
+
+DFAT: the image pass (`<image>` tokens + prompt + `<ImgCls_*>`) and the text pass (prompt + report + `<TxtCls_*>`)
+run through the same LLM; the states of the special tokens at `config.feature_layer` are pooled and mapped by MLP
+heads to global embeddings, the content-token states to local embeddings, and InfoNCE aligns them.
+DKAM: category descriptions run through the text pass, are pooled per category and mapped by the anchor head to
+category anchors; `category_loss` (L_CG) pulls each sample's global embeddings towards its categories' anchors.
+
+This file is remote code: `save_pretrained` copies it into every checkpoint (DESIGN.md §2).
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, LlavaForConditionalGeneration, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_llava_radz import LlavaRadZConfig
+except ImportError:
+    from configuration_llava_radz import LlavaRadZConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses (small functions, as in transformers' modeling_clip.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """InfoNCE for a square logit matrix whose diagonal holds the positive pairs."""
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def clip_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: the mean of the image→text and text→image losses."""
+    return (contrastive_loss(logits_per_image) + contrastive_loss(logits_per_image.t())) / 2.0
+
+
+def alignment_logits(image_embeds, text_embeds, image_local, text_local, logit_scale, alignment: str):
+    """`[n_images, n_texts]` logits. `"global"`: image-global · text-global. `"cross"`: the mean of
+    image-global · text-local and image-local · text-global (the paper's cross-level similarity)."""
+    if alignment == "global":
+        return logit_scale * image_embeds @ text_embeds.t()
+    return logit_scale * (image_embeds @ text_local.t() + image_local @ text_embeds.t()) / 2.0
+
+
+def alignment_loss(image_embeds, text_embeds, image_local, text_local, logit_scale, alignment: str):
+    """L_CA of DFAT: symmetric InfoNCE over the batch, row i of the images paired with row i of the texts.
+
+    `"global"` is CLIP's loss on the global embeddings; `"cross"` averages the losses of the two cross-level
+    pairings (image-global ↔ text-local, image-local ↔ text-global). All inputs are L2-normalised `[batch, dim]`.
+    """
+    if alignment == "global":
+        return clip_loss(logit_scale * image_embeds @ text_embeds.t())
+    global_to_local = clip_loss(logit_scale * image_embeds @ text_local.t())
+    local_to_global = clip_loss(logit_scale * image_local @ text_embeds.t())
+    return (global_to_local + local_to_global) / 2.0
+
+
+def category_loss(embeds, anchor_embeds, labels, logit_scale, kind: str = "softmax", bias=None):
+    """L_CG of DKAM for one modality: align each sample's global embedding with its categories' anchors.
+
+    Args:
+        embeds: `[batch, dim]` L2-normalised global embeddings (image or text).
+        anchor_embeds: `[num_categories, dim]` L2-normalised anchors.
+        labels: `[batch, num_categories]` multi-hot; 1 positive, 0 negative, NaN unknown.
+        kind: `"softmax"`: cross-entropy of the softmax over the known categories against the sample's positives
+            as a uniform soft target; rows without a positive are skipped. `"sigmoid"`: per-category binary
+            cross-entropy of `scale·cos + bias` over the known entries (a sample with only negatives counts).
+    Returns the mean over contributing samples (or entries); 0 (still in the graph) when nothing contributes.
+    """
+    logits = logit_scale * embeds @ anchor_embeds.t()
+    known = ~torch.isnan(labels)
+    positive = (labels == 1) & known
+    if kind == "softmax":
+        rows = positive.any(dim=1)
+        if not rows.any():
+            return logits.sum() * 0.0
+        masked = logits[rows].masked_fill(~known[rows], float("-inf"))
+        target = positive[rows].float() / positive[rows].sum(dim=1, keepdim=True)
+        log_probs = F.log_softmax(masked, dim=1).masked_fill(~known[rows], 0.0)
+        return -(target * log_probs).sum(dim=1).mean()
+    if not known.any():
+        return logits.sum() * 0.0
+    if bias is not None:
+        logits = logits + bias
+    return F.binary_cross_entropy_with_logits(logits[known], positive[known].float())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlavaRadZFeatures(ModelOutput):
+    """
+    Features of one pass (image or text).
+
+    Args:
+        embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised global embeddings
+            (special-token states → pooling → global MLP head).
+        local_embeds (`torch.FloatTensor` of shape `(batch, projection_dim)`): L2-normalised local embeddings
+            (mean of the content-token states → local MLP head).
+        pooled_cls_states (`torch.FloatTensor` of shape `(batch, hidden)` or `(batch, num_cls_tokens*hidden)`):
+            the pooled special-token states before the head (the input of the anchor head for descriptions).
+    """
+
+    embeds: torch.FloatTensor | None = None
+    local_embeds: torch.FloatTensor | None = None
+    pooled_cls_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class LlavaRadZOutput(ModelOutput):
+    """
+    Output of [`LlavaRadZForZeroShotClassification.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, with `return_loss=True`): `λ·loss_alignment + (1−λ)·loss_category`,
+            or `loss_alignment` alone when no labels are given.
+        loss_alignment (`torch.FloatTensor` of shape `()`): L_CA, the DFAT InfoNCE.
+        loss_category (`torch.FloatTensor` of shape `()`): L_CG, the DKAM category loss (with labels).
+        logits_per_image (`torch.FloatTensor` of shape `(n_images, n_texts)`): scaled image-text similarities.
+        logits_per_text (`torch.FloatTensor` of shape `(n_texts, n_images)`): the transpose.
+        image_embeds / text_embeds (`torch.FloatTensor` of shape `(n, projection_dim)`): L2-normalised global
+            embeddings.
+        image_local_embeds / text_local_embeds (`torch.FloatTensor` of shape `(n, projection_dim)`): L2-normalised
+            local embeddings.
+        anchor_embeds (`torch.FloatTensor` of shape `(num_categories, projection_dim)`): the category anchors used.
+        logit_scale (`torch.FloatTensor` of shape `()`): the clamped `exp(logit_scale)` applied to the similarities.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_alignment: torch.FloatTensor | None = None
+    loss_category: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_local_embeds: torch.FloatTensor | None = None
+    text_local_embeds: torch.FloatTensor | None = None
+    anchor_embeds: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LlavaRadZHead(nn.Module):
+    """Two-layer MLP head: `Linear → activation → Linear`."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.act = ACT2FN[activation]
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, hidden_states):
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class LlavaRadZPreTrainedModel(PreTrainedModel):
+    config_class = LlavaRadZConfig
+    config: LlavaRadZConfig
+    base_model_prefix = "llava"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+
+    def _init_weights(self, module):
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, LlavaRadZForZeroShotClassification):
+            init.constant_(module.logit_scale, math.log(1.0 / self.config.contrastive_temperature))
+            if module.category_bias is not None:
+                init.zeros_(module.category_bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
+    """A LLaVA model with DFAT special-token readout, MLP heads and DKAM anchors.
+
+    `self.llava` is a plain transformers `LlavaForConditionalGeneration`, so `generate` keeps working (DKAM's
+    knowledge writing and the VQA baseline use it).
+    """
+
+    def __init__(self, config: LlavaRadZConfig, llava: LlavaForConditionalGeneration | None = None):
+        super().__init__(config)
+        self.llava = llava if llava is not None else LlavaForConditionalGeneration(config)
+        hidden = config.text_config.hidden_size
+        head_hidden = config.head_hidden_dim or hidden
+        pooled = hidden * config.num_cls_tokens if config.pooling == "concat" else hidden
+        self.image_global_head = LlavaRadZHead(pooled, head_hidden, config.projection_dim)
+        self.text_global_head = LlavaRadZHead(pooled, head_hidden, config.projection_dim)
+        self.image_local_head = LlavaRadZHead(hidden, head_hidden, config.projection_dim)
+        self.text_local_head = LlavaRadZHead(hidden, head_hidden, config.projection_dim)
+        self.anchor_head = LlavaRadZHead(pooled, head_hidden, config.projection_dim)
+        self.logit_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
+        )
+        self.category_bias = nn.Parameter(torch.zeros(())) if config.category_loss == "sigmoid" else None
+        self.post_init()
+
+    # -- embeddings, generation ------------------------------------------------------------------------------
+    def get_input_embeddings(self):
+        return self.llava.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.llava.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.llava.get_output_embeddings()
+
+    def generate(self, *args, **kwargs):
+        """`LlavaForConditionalGeneration.generate` of the underlying LLaVA model."""
+        return self.llava.generate(*args, **kwargs)
+
+    # -- feature extraction ----------------------------------------------------------------------------------
+    def _cls_ids(self, modality: str) -> torch.Tensor:
+        ids = self.config.image_cls_token_ids if modality == "image" else self.config.text_cls_token_ids
+        if ids is None:
+            raise ValueError(
+                f"config.{modality}_cls_token_ids is not set; build the model with "
+                "LlavaRadZForZeroShotClassification.from_llava(...) or set the ids from the processor"
+            )
+        return torch.tensor(ids, device=self.llava.device)
+
+    def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
+        """One LLM pass; read the special-token and content-token states at `config.feature_layer`."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cls_mask = torch.isin(input_ids, self._cls_ids(modality)) & attention_mask.bool()
+        counts = cls_mask.sum(dim=1)
+        n = self.config.num_cls_tokens
+        if not bool((counts == n).all()):
+            row = int((counts != n).nonzero()[0])
+            raise ValueError(
+                f"{modality} pass: row {row} holds {int(counts[row])} special tokens, expected {n}; "
+                "build the inputs with LlavaRadZProcessor"
+            )
+        outputs = self.llava.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        states = outputs.hidden_states[self.config.feature_layer]
+        cls_states = states[cls_mask].view(len(states), n, -1)
+        if self.config.pooling == "mean":
+            pooled = cls_states.mean(dim=1)
+        elif self.config.pooling == "last":
+            pooled = cls_states[:, -1]
+        else:
+            pooled = cls_states.flatten(1)
+
+        if modality == "image":
+            content = input_ids == self.config.image_token_id
+        else:
+            content = attention_mask.bool() & ~cls_mask
+        weights = content.unsqueeze(-1).to(states.dtype)
+        local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+        global_head = self.image_global_head if modality == "image" else self.text_global_head
+        local_head = self.image_local_head if modality == "image" else self.text_local_head
+        return LlavaRadZFeatures(
+            embeds=F.normalize(global_head(pooled), dim=-1),
+            local_embeds=F.normalize(local_head(local), dim=-1),
+            pooled_cls_states=pooled,
+        )
+
+    def get_image_features(self, pixel_values, image_input_ids, image_attention_mask=None, **unused):
+        """Image pass: `[image tokens] + image prompt + <ImgCls_*>` → `LlavaRadZFeatures`.
+
+        Takes the image keys of `processor(images=...)`; `embeds` are the global image embeddings.
+        """
+        if pixel_values is None or image_input_ids is None:
+            raise ValueError("get_image_features needs pixel_values and image_input_ids (from processor(images=...))")
+        pixel_values = pixel_values.to(self.llava.device, self.llava.dtype)
+        return self._encode("image", image_input_ids, image_attention_mask, pixel_values)
+
+    def get_text_features(self, input_ids, attention_mask=None, **unused):
+        """Text pass: `text prompt + text + <TxtCls_*>`, without an image → `LlavaRadZFeatures`."""
+        if input_ids is None:
+            raise ValueError("get_text_features needs input_ids (from processor(text=...))")
+        return self._encode("text", input_ids, attention_mask)
+
+    def get_anchor_features(
+        self, anchor_input_ids, anchor_attention_mask, anchor_category_ids, num_categories: int | None = None
+    ) -> torch.Tensor:
+        """DKAM anchors `[num_categories, projection_dim]` (L2-normalised).
+
+        Each description runs through the text pass; its pooled special-token states are averaged per category
+        (`anchor_category_ids` says which category each description belongs to) and the anchor head maps the
+        mean to the anchor. Call it inside the training step to re-encode anchors as the LoRA weights change,
+        or once under `torch.no_grad()` and pass the result as `anchor_embeds` for inference.
+        """
+        pooled = self.get_text_features(anchor_input_ids, anchor_attention_mask).pooled_cls_states
+        num_categories = num_categories or int(anchor_category_ids.max()) + 1
+        category_ids = anchor_category_ids.to(pooled.device)
+        sums = pooled.new_zeros(num_categories, pooled.shape[-1]).index_add(0, category_ids, pooled)
+        counts = torch.bincount(category_ids, minlength=num_categories).to(pooled.dtype)
+        if bool((counts == 0).any()):
+            missing = (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"get_anchor_features: categories {missing} have no descriptions")
+        return F.normalize(self.anchor_head(sums / counts.unsqueeze(1)), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        """`exp(logit_scale)`, clamped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        image_input_ids: torch.LongTensor | None = None,
+        image_attention_mask: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.FloatTensor | None = None,
+        anchor_input_ids: torch.LongTensor | None = None,
+        anchor_attention_mask: torch.LongTensor | None = None,
+        anchor_category_ids: torch.LongTensor | None = None,
+        anchor_embeds: torch.FloatTensor | None = None,
+        return_loss: bool | None = None,
+    ) -> LlavaRadZOutput:
+        r"""
+        Args:
+            pixel_values, image_input_ids, image_attention_mask: the image pass, from `processor(images=...)`.
+            input_ids, attention_mask: the text pass (reports or label prompts), from `processor(text=...)`.
+            labels (`(batch, num_categories)`, 1/0/NaN): category labels of the pairs, for L_CG.
+            anchor_input_ids, anchor_attention_mask, anchor_category_ids: category descriptions, from
+                `processor.encode_anchors(categories)`; encoded with gradients.
+            anchor_embeds (`(num_categories, projection_dim)`): precomputed anchors, instead of the above.
+            return_loss: compute `λ·L_CA + (1−λ)·L_CG` (L_CA alone without labels). Row i of the images is
+                paired with row i of the texts.
+        """
+        image = text = None
+        if pixel_values is not None:
+            image = self.get_image_features(pixel_values, image_input_ids, image_attention_mask)
+        if input_ids is not None:
+            text = self.get_text_features(input_ids, attention_mask)
+        if anchor_embeds is None and anchor_input_ids is not None:
+            anchor_embeds = self.get_anchor_features(anchor_input_ids, anchor_attention_mask, anchor_category_ids)
+        scale = self.scale()
+
+        logits_per_image = None
+        if image is not None and text is not None:
+            logits_per_image = alignment_logits(
+                image.embeds, text.embeds, image.local_embeds, text.local_embeds, scale, self.config.alignment
+            )
+
+        loss = loss_alignment = loss_category = None
+        if return_loss:
+            if image is None or text is None:
+                raise ValueError("return_loss=True needs both images and texts")
+            if len(image.embeds) != len(text.embeds):
+                raise ValueError(
+                    f"return_loss=True pairs image i with text i, but got {len(image.embeds)} images "
+                    f"and {len(text.embeds)} texts"
+                )
+            loss_alignment = alignment_loss(
+                image.embeds, text.embeds, image.local_embeds, text.local_embeds, scale, self.config.alignment
+            )
+            loss = loss_alignment
+            if labels is not None:
+                if anchor_embeds is None:
+                    raise ValueError("labels need anchors: pass anchor_input_ids/... or anchor_embeds")
+                if labels.shape != (len(image.embeds), len(anchor_embeds)):
+                    raise ValueError(
+                        f"labels have shape {tuple(labels.shape)}, expected (batch={len(image.embeds)}, "
+                        f"num_categories={len(anchor_embeds)})"
+                    )
+                loss_category = self.category_loss(image.embeds, text.embeds, anchor_embeds, labels)
+                lam = self.config.dkam_lambda
+                loss = lam * loss_alignment + (1.0 - lam) * loss_category
+
+        return LlavaRadZOutput(
+            loss=loss,
+            loss_alignment=loss_alignment,
+            loss_category=loss_category,
+            logits_per_image=logits_per_image,
+            logits_per_text=None if logits_per_image is None else logits_per_image.t(),
+            image_embeds=None if image is None else image.embeds,
+            text_embeds=None if text is None else text.embeds,
+            image_local_embeds=None if image is None else image.local_embeds,
+            text_local_embeds=None if text is None else text.local_embeds,
+            anchor_embeds=anchor_embeds,
+            logit_scale=scale,
+        )
+
+    def category_loss(self, image_embeds, text_embeds, anchor_embeds, labels) -> torch.Tensor:
+        """L_CG: the mean of the image-side and text-side `category_loss`."""
+        labels = labels.to(image_embeds.device, image_embeds.dtype)
+        kind, scale, bias = self.config.category_loss, self.scale(), self.category_bias
+        return (
+            category_loss(image_embeds, anchor_embeds, labels, scale, kind, bias)
+            + category_loss(text_embeds, anchor_embeds, labels, scale, kind, bias)
+        ) / 2.0
+
+    # -- conversion from LLaVA -------------------------------------------------------------------------------
+    @classmethod
+    def from_llava(cls, llava_dir_or_model, processor=None, **config_overrides):
+        """Turn a transformers `LlavaForConditionalGeneration` (object, hub id or directory) into LLaVA-RadZ.
+
+        Adds `<ImgCls_*>`/`<TxtCls_*>` (ids from `processor`, or from `LlavaRadZProcessor.from_llava` on the
+        same checkpoint), resizes the embeddings where needed and sets the new rows to the mean embedding;
+        initialises the heads; keeps every pretrained weight. `config_overrides` set LlavaRadZConfig fields.
+        """
+        try:
+            from .processing_llava_radz import LlavaRadZProcessor
+        except ImportError:
+            from processing_llava_radz import LlavaRadZProcessor
+
+        if isinstance(llava_dir_or_model, LlavaForConditionalGeneration):
+            llava = llava_dir_or_model
+            if processor is None:
+                raise ValueError("from_llava(model_object) needs processor=LlavaRadZProcessor.from_llava(...)")
+        elif isinstance(llava_dir_or_model, (str, Path)):
+            source = str(llava_dir_or_model)
+            try:
+                found = AutoConfig.from_pretrained(source).model_type
+            except (OSError, ValueError) as error:
+                raise ValueError(f"{source}: cannot read a model config from it ({error})") from error
+            if found != "llava":
+                raise ValueError(f"{source}: expected a LLaVA checkpoint (model_type 'llava'), found {found!r}")
+            llava = LlavaForConditionalGeneration.from_pretrained(source)
+            if processor is None:
+                num = config_overrides.get("num_cls_tokens", LlavaRadZConfig.num_cls_tokens)
+                processor = LlavaRadZProcessor.from_llava(source, num_cls_tokens=num)
+        else:
+            raise TypeError(
+                f"from_llava expects a LlavaForConditionalGeneration or a checkpoint id/directory, "
+                f"got {type(llava_dir_or_model).__name__}"
+            )
+
+        image_ids, text_ids = processor.cls_token_ids("image"), processor.cls_token_ids("text")
+        _add_token_rows(llava, image_ids + text_ids)
+
+        settings = llava.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            settings.pop(key, None)
+        settings.update(config_overrides)
+        settings.update(
+            num_cls_tokens=processor.num_cls_tokens,
+            image_cls_token_ids=image_ids,
+            text_cls_token_ids=text_ids,
+            image_prompt_template=processor.image_prompt_template,
+            text_prompt_template=processor.text_prompt_template,
+            image_cls_token_format=processor.image_cls_token_format,
+            text_cls_token_format=processor.text_cls_token_format,
+        )
+        config = LlavaRadZConfig(**settings)
+        # One config object for the wrapper and the wrapped model, as when built from a config.
+        config.vision_config, config.text_config = llava.config.vision_config, llava.config.text_config
+        llava.config = llava.model.config = config
+        model = cls(config, llava=llava)
+        return model.to(device=llava.device, dtype=llava.dtype)
+
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # register_for_auto_class registers one auto class; the zero-shot one is added by hand.
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModelForZeroShotImageClassification"] = f"{__name__.split('.')[-1]}.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _add_token_rows(llava: LlavaForConditionalGeneration, token_ids: list[int]):
+    """Make room for `token_ids` and set their input (and untied output) embedding rows to the mean row."""
+    embeddings = llava.get_input_embeddings()
+    old_rows = embeddings.weight.shape[0]
+    if max(token_ids) >= old_rows:
+        llava.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)
+    ids = torch.tensor(token_ids)
+    weights = {llava.get_input_embeddings().weight, llava.get_output_embeddings().weight}  # one when tied
+    with torch.no_grad():
+        means = [(weight, weight[:old_rows].mean(dim=0)) for weight in weights]
+        for weight, mean in means:
+            weight[ids] = mean
+
+
+LlavaRadZConfig.register_for_auto_class()
+LlavaRadZForZeroShotClassification.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "LlavaRadZForZeroShotClassification",
+    "LlavaRadZOutput",
+    "LlavaRadZFeatures",
+    "alignment_loss",
+    "category_loss",
+    "clip_loss",
+]

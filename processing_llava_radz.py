@@ -1,0 +1,461 @@
+"""LLaVA-RadZ processor: radiograph loading (PIL, numpy, PNG/JPEG, DICOM), prompts and special tokens.
+
+This file is remote code: `save_pretrained` copies it into every checkpoint. It depends only on torch,
+transformers, numpy, PIL and (lazily) pydicom (DESIGN.md §2).
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import cached_file
+
+
+KNOWLEDGE_FILE = "knowledge.json"
+DICOM_SUFFIXES = (".dcm", ".dicom")
+# 16-bit and float images without a DICOM window are mapped to 8 bits by this percentile range.
+PERCENTILE_WINDOW = (0.5, 99.5)
+
+
+class RadiographError(ValueError):
+    """An image input that cannot be read; the message names the item and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_uint8(pixels: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Map any numeric array to uint8.
+
+    The rule: uint8 passes through. Otherwise the values in `window` (low, high), or, without a window,
+    between the 0.5th and 99.5th percentile, are mapped linearly to 0–255 and clipped. Float images whose
+    values already lie in [0, 1] are scaled by 255.
+    """
+    if pixels.dtype == np.uint8:
+        return pixels
+    pixels = pixels.astype(np.float32)
+    if window is None:
+        if np.issubdtype(pixels.dtype, np.floating) and pixels.min() >= 0.0 and pixels.max() <= 1.0:
+            window = (0.0, 1.0)
+        else:
+            window = tuple(np.percentile(pixels, PERCENTILE_WINDOW))
+    low, high = window
+    scaled = (pixels - low) / max(high - low, 1e-6) * 255.0
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def _array_to_pil(pixels: np.ndarray, name: str) -> Image.Image:
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
+        raise RadiographError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {pixels.shape}")
+    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
+        raise RadiographError(f"{name}: unsupported array dtype {pixels.dtype}")
+    if not np.isfinite(pixels).all():
+        raise RadiographError(f"{name}: the array holds NaN or infinite values")
+    return Image.fromarray(to_uint8(pixels)).convert("RGB")
+
+
+def dicom_to_pil(dataset, name: str = "DICOM dataset") -> Image.Image:
+    """Render a pydicom dataset as an 8-bit RGB image, the way a viewer shows it.
+
+    Steps: the modality LUT (RescaleSlope/Intercept); the VOI LUT or WindowCenter/Width when present, whose
+    output range maps to 0–255 (otherwise the percentile rule of `to_uint8`); MONOCHROME1 is inverted so that
+    air is dark; multi-frame data uses the middle frame.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    if "PixelData" not in dataset:
+        raise RadiographError(f"{name}: the DICOM has no pixel data (no PixelData element)")
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # pydicom raises many types for bad encodings
+        raise RadiographError(f"{name}: the DICOM pixel data cannot be decoded ({error})") from error
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[len(pixels) // 2]
+    if not photometric.startswith("MONOCHROME"):
+        # Colour DICOM (RGB or YBR already converted by pydicom): no LUTs apply.
+        return _array_to_pil(pixels, name)
+
+    pixels = apply_modality_lut(pixels, dataset).astype(np.float32)
+    window = None
+    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
+        pixels = apply_voi_lut(pixels, dataset).astype(np.float32)
+        if "VOILUTSequence" in dataset:
+            window = (float(pixels.min()), float(pixels.max()))
+        else:
+            center = float(np.ravel(dataset.WindowCenter)[0])
+            width = float(np.ravel(dataset.WindowWidth)[0])
+            window = (center - width / 2, center + width / 2)
+    image = to_uint8(pixels, window)
+    if photometric == "MONOCHROME1":
+        image = 255 - image
+    return Image.fromarray(image).convert("RGB")
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as handle:
+        header = handle.read(132)
+    return len(header) == 132 and header[128:132] == b"DICM"
+
+
+def _open_path(path: Path) -> Image.Image:
+    if not path.exists():
+        raise RadiographError(f"{path}: file not found")
+    if path.is_dir():
+        raise RadiographError(f"{path}: is a directory, not an image file")
+    if _is_dicom_file(path):
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        try:
+            dataset = pydicom.dcmread(path)
+        except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError) as error:
+            raise RadiographError(f"{path}: corrupt or unreadable DICOM ({error})") from error
+        return dicom_to_pil(dataset, name=str(path))
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RadiographError(f"{path}: not a readable image file ({error})") from error
+    return pil_to_rgb(image)
+
+
+def pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; 16-bit and float modes go through the `to_uint8` rule instead of being clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _array_to_pil(np.asarray(image), "image")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_radiograph(image, name: str | None = None) -> Image.Image:
+    """Load one radiograph as an 8-bit RGB PIL image.
+
+    Accepts a PIL image (any mode), a numpy array (uint8, uint16 or float; HxW or HxWxC), a path (str or
+    `Path`) to a PNG/JPEG/any PIL-readable file or a DICOM (by suffix or the `DICM` preamble), or a pydicom
+    `Dataset`. Grayscale becomes 3-channel. Raises `RadiographError` (a `ValueError`) naming the file and the
+    problem for missing, unreadable or corrupt input, and `TypeError` for an unsupported input type.
+    """
+    name = name or "image"
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        return _open_path(Path(image))
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image, name)
+    if type(image).__module__.startswith("pydicom"):
+        return dicom_to_pil(image, name)
+    raise TypeError(
+        f"{name}: unsupported image type {type(image).__name__}; expected a PIL image, a numpy array, "
+        "a path to an image or DICOM file, or a pydicom Dataset"
+    )
+
+
+def load_radiographs(images) -> list[Image.Image]:
+    """`load_radiograph` over a list; errors name the index of the bad item."""
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    loaded = []
+    for index, image in enumerate(images):
+        try:
+            loaded.append(load_radiograph(image, name=f"image {index}"))
+        except (RadiographError, TypeError) as error:
+            raise type(error)(f"item {index} of the batch: {error}") from error
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Knowledge base: {category: {"synonyms": [...], "descriptions": [...]}}
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalize_label(label: str) -> str:
+    """Case, underscore and hyphen insensitive key: `Pleural_Thickening` == `pleural thickening`."""
+    return re.sub(r"[\s_\-]+", " ", label).strip().lower()
+
+
+def validate_knowledge(knowledge, source: str = "knowledge") -> dict:
+    """Check the knowledge schema; raise a `ValueError` that names the source, the category and the key."""
+    if not isinstance(knowledge, dict) or not knowledge:
+        raise ValueError(f"{source}: expected a non-empty JSON object {{category: {{synonyms, descriptions}}}}")
+    seen = {}
+    for category, entry in knowledge.items():
+        where = f"{source}: category {category!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with 'synonyms' and 'descriptions'")
+        unknown = set(entry) - {"synonyms", "descriptions"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+        for key in ("synonyms", "descriptions"):
+            values = entry.get(key, [])
+            if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+                raise ValueError(f"{where}: '{key}' must be a list of non-empty strings")
+        if not entry.get("descriptions"):
+            raise ValueError(f"{where}: 'descriptions' is empty; give at least one description")
+        for name in [category, *entry.get("synonyms", [])]:
+            key = normalize_label(name)
+            if key in seen and seen[key] != category:
+                raise ValueError(f"{where}: name {name!r} is already used by category {seen[key]!r}")
+            seen[key] = category
+    return knowledge
+
+
+def read_knowledge_file(path) -> dict:
+    """Read and validate a knowledge JSON file."""
+    path = Path(path)
+    try:
+        knowledge = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path}: knowledge file not found") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    return validate_knowledge(knowledge, source=str(path))
+
+
+def write_knowledge_file(knowledge: dict, path) -> None:
+    validate_knowledge(knowledge, source=str(path))
+    Path(path).write_text(json.dumps(knowledge, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LlavaRadZProcessor(ProcessorMixin):
+    r"""
+    Tokenizer + image processor for [`LlavaRadZForZeroShotClassification`].
+
+    `processor(images=..., text=...)` builds the two passes of DFAT:
+    - image pass: `image_prompt_template` with `{image}` expanded to `num_image_tokens` `<image>` tokens, then
+      the `<ImgCls_*>` tokens → `pixel_values`, `image_input_ids`, `image_attention_mask`;
+    - text pass: `text_prompt_template` with the report (truncated to `max_text_tokens`), then the `<TxtCls_*>`
+      tokens → `input_ids`, `attention_mask`.
+    A knowledge base (`knowledge.json` beside the processor files) gives the DKAM category descriptions.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 576,
+        num_cls_tokens: int = 8,
+        image_prompt_template: str = "{image}\nDescribe the findings of this chest radiograph.",
+        text_prompt_template: str = "Radiology report: {text}",
+        image_cls_token_format: str = "<ImgCls_{}>",
+        text_cls_token_format: str = "<TxtCls_{}>",
+        image_token: str = "<image>",
+        max_text_tokens: int = 128,
+        chat_template=None,
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.num_cls_tokens = num_cls_tokens
+        self.image_prompt_template = image_prompt_template
+        self.text_prompt_template = text_prompt_template
+        self.image_cls_token_format = image_cls_token_format
+        self.text_cls_token_format = text_cls_token_format
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        self.max_text_tokens = max_text_tokens
+        self.knowledge = None
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        missing = [t for t in self.cls_tokens("image") + self.cls_tokens("text") if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(
+                f"the tokenizer lacks the special tokens {missing[:3]}…; build the processor with "
+                "LlavaRadZProcessor.from_llava(...) or add_cls_tokens(tokenizer, ...)"
+            )
+        self._image_prompt_ids = None
+
+    # -- special tokens --------------------------------------------------------------------------------------
+    def cls_tokens(self, modality: str) -> list[str]:
+        fmt = self.image_cls_token_format if modality == "image" else self.text_cls_token_format
+        return [fmt.format(i) for i in range(self.num_cls_tokens)]
+
+    def cls_token_ids(self, modality: str) -> list[int]:
+        return self.tokenizer.convert_tokens_to_ids(self.cls_tokens(modality))
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @staticmethod
+    def add_cls_tokens(tokenizer, num_cls_tokens: int, image_format="<ImgCls_{}>", text_format="<TxtCls_{}>"):
+        """Add the `<ImgCls_*>` and `<TxtCls_*>` tokens as special tokens (a no-op for those already present)."""
+        tokens = [image_format.format(i) for i in range(num_cls_tokens)]
+        tokens += [text_format.format(i) for i in range(num_cls_tokens)]
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+        return tokenizer
+
+    @classmethod
+    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = 8, **kwargs):
+        """Build a LLaVA-RadZ processor from a transformers `LlavaProcessor` (object, hub id or directory).
+
+        Adds the special tokens to its tokenizer and takes the image-token count from its patch size,
+        image size and feature-select strategy, as `LlavaProcessor` expands `<image>`.
+        """
+        from transformers import LlavaProcessor
+
+        if isinstance(llava_dir_or_processor, LlavaProcessor):
+            llava_processor = llava_dir_or_processor
+        else:
+            try:
+                llava_processor = LlavaProcessor.from_pretrained(llava_dir_or_processor)
+            except (OSError, ValueError, TypeError) as error:
+                raise ValueError(
+                    f"{llava_dir_or_processor}: cannot load a LlavaProcessor from it ({error})"
+                ) from error
+        tokenizer = cls.add_cls_tokens(llava_processor.tokenizer, num_cls_tokens)
+        image_processor = llava_processor.image_processor
+        if kwargs.get("num_image_tokens") is None:
+            size = getattr(image_processor, "crop_size", None) or image_processor.size
+            patch = llava_processor.patch_size
+            count = (size["height"] // patch) * (size["width"] // patch)
+            count += llava_processor.num_additional_image_tokens
+            count -= 1 if llava_processor.vision_feature_select_strategy == "default" else 0
+            kwargs["num_image_tokens"] = count
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            num_cls_tokens=num_cls_tokens,
+            image_token=llava_processor.image_token,
+            chat_template=llava_processor.chat_template,
+            **kwargs,
+        )
+
+    # -- prompts ---------------------------------------------------------------------------------------------
+    def image_prompt_ids(self) -> list[int]:
+        """Token ids of the (fixed) image pass: prompt, expanded image tokens, `<ImgCls_*>`."""
+        if self._image_prompt_ids is None:
+            before, after = self.image_prompt_template.split("{image}")
+            ids = self.tokenizer(before, add_special_tokens=True)["input_ids"]
+            ids += [self.image_token_id] * self.num_image_tokens
+            ids += self.tokenizer(after, add_special_tokens=False)["input_ids"]
+            self._image_prompt_ids = ids + self.cls_token_ids("image")
+        return self._image_prompt_ids
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of one text pass: prompt, the text (truncated to `max_text_tokens`), `<TxtCls_*>`."""
+        before, after = self.text_prompt_template.split("{text}")
+        ids = self.tokenizer(before, add_special_tokens=True)["input_ids"]
+        ids += self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+        ids += self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        return ids + self.cls_token_ids("text")
+
+    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+    def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchFeature:
+        """Encode images and/or texts for the model.
+
+        Returns a `BatchFeature` with `pixel_values`, `image_input_ids`, `image_attention_mask` (images) and
+        `input_ids`, `attention_mask` (texts). Texts are right-padded; the model finds the special tokens by id.
+        """
+        if images is None and text is None:
+            raise ValueError("LlavaRadZProcessor needs `images`, `text` or both")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' is supported")
+        data = {}
+        if images is not None:
+            loaded = load_radiographs(images)
+            data["pixel_values"] = self.image_processor(loaded, return_tensors="pt", **kwargs)["pixel_values"]
+            prompt = torch.tensor(self.image_prompt_ids(), dtype=torch.long)
+            data["image_input_ids"] = prompt.expand(len(loaded), -1).clone()
+            data["image_attention_mask"] = torch.ones_like(data["image_input_ids"])
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            for index, item in enumerate(texts):
+                if not isinstance(item, str):
+                    raise TypeError(f"text item {index}: expected a string, got {type(item).__name__}")
+            data["input_ids"], data["attention_mask"] = self._pad([self.text_ids(t) for t in texts])
+        return BatchFeature(data=data)
+
+    # -- DKAM knowledge --------------------------------------------------------------------------------------
+    def set_knowledge(self, knowledge: dict | None):
+        self.knowledge = None if knowledge is None else validate_knowledge(knowledge, "processor knowledge")
+
+    def match_category(self, label: str) -> str | None:
+        """The knowledge category whose name or synonym matches `label`, or None."""
+        if not self.knowledge:
+            return None
+        key = normalize_label(label)
+        for category, entry in self.knowledge.items():
+            if key in (normalize_label(n) for n in [category, *entry.get("synonyms", [])]):
+                return category
+        return None
+
+    def encode_anchors(self, categories: list[str], max_descriptions: int | None = None) -> BatchFeature:
+        """Encode the descriptions of `categories` for `model.get_anchor_features`.
+
+        Returns `anchor_input_ids`, `anchor_attention_mask` and `anchor_category_ids` (which category each
+        description belongs to, an index into `categories`).
+        """
+        if not categories:
+            raise ValueError("encode_anchors: the category list is empty")
+        texts, owners = [], []
+        for index, label in enumerate(categories):
+            category = self.match_category(label)
+            if category is None:
+                raise ValueError(f"encode_anchors: category {label!r} is not in the processor's knowledge base")
+            descriptions = self.knowledge[category]["descriptions"][:max_descriptions]
+            texts += descriptions
+            owners += [index] * len(descriptions)
+        encoded = self(text=texts)
+        return BatchFeature(
+            data={
+                "anchor_input_ids": encoded["input_ids"],
+                "anchor_attention_mask": encoded["attention_mask"],
+                "anchor_category_ids": torch.tensor(owners, dtype=torch.long),
+            }
+        )
+
+    # -- save / load -----------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        result = super().save_pretrained(save_directory, **kwargs)
+        if self.knowledge is not None:
+            write_knowledge_file(self.knowledge, Path(save_directory) / KNOWLEDGE_FILE)
+        return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        knowledge_path = cached_file(
+            pretrained_model_name_or_path,
+            KNOWLEDGE_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+        if knowledge_path is not None:
+            processor.knowledge = read_knowledge_file(knowledge_path)
+        return processor
+
+
+LlavaRadZProcessor.register_for_auto_class()
+
+__all__ = ["LlavaRadZProcessor", "load_radiograph", "RadiographError", "validate_knowledge"]

@@ -1,0 +1,1 @@
+"""Helpers that never travel inside a checkpoint: datasets, knowledge, evaluation, baselines, phantoms."""

