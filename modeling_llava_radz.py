@@ -10,6 +10,7 @@ This file is remote code: `save_pretrained` copies it into every checkpoint (DES
 """
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ try:
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
 
+# `save_pretrained` copies the pipeline file into the checkpoint and declares it in `config.custom_pipelines`.
+PIPELINE_FILE = "pipeline_llava_radz.py"
+PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Losses (small functions, as in transformers' modeling_clip.py)
@@ -156,16 +160,21 @@ class LlavaRadZOutput(ModelOutput):
 
 
 class LlavaRadZHead(nn.Module):
-    """Two-layer MLP head: `Linear → activation → Linear`."""
+    """MLP head: `LayerNorm → Linear → activation → Linear`.
+
+    The LayerNorm (as CLIP's `post_layernorm` before its projection) puts decoder states, whose scale differs by
+    orders of magnitude between models and layers, on one scale before the head.
+    """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: str = "gelu"):
         super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
         self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.act = ACT2FN[activation]
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
     def forward(self, hidden_states):
-        return self.fc2(self.act(self.fc1(hidden_states)))
+        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
 
 
 class LlavaRadZPreTrainedModel(PreTrainedModel):
@@ -188,6 +197,9 @@ class LlavaRadZPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
 
 
 class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
@@ -476,7 +488,19 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForZeroShotImageClassification"] = f"{__name__.split('.')[-1]}.{type(self).__name__}"
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        # The zero-shot pipeline travels with every checkpoint: beside this file in the package, or in the
+        # checkpoint this model was loaded from (remote code is cached per file, so not always beside it).
+        sources = [Path(__file__).parent, Path(str(self.name_or_path))]
+        pipeline_file = next((d / PIPELINE_FILE for d in sources if (d / PIPELINE_FILE).is_file()), None)
+        if pipeline_file is not None:
+            self.config.custom_pipelines = {"zero-shot-image-classification": dict(PIPELINE_INFO)}
+        elif getattr(self.config, "custom_pipelines", None):
+            self.config.custom_pipelines = {}  # declare no pipeline whose code the checkpoint would lack
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory) / PIPELINE_FILE
+        if pipeline_file is not None and not (target.exists() and target.samefile(pipeline_file)):
+            shutil.copyfile(pipeline_file, target)
+        return result
 
 
 def _add_token_rows(llava: LlavaForConditionalGeneration, token_ids: list[int]):

@@ -123,6 +123,8 @@ def _open_path(path: Path) -> Image.Image:
             dataset = pydicom.dcmread(path)
         except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError) as error:
             raise RadiographError(f"{path}: corrupt or unreadable DICOM ({error})") from error
+        if "TransferSyntaxUID" not in dataset.file_meta:
+            raise RadiographError(f"{path}: corrupt or unreadable DICOM (no valid file meta information)")
         return dicom_to_pil(dataset, name=str(path))
     try:
         with Image.open(path) as image:

@@ -1,0 +1,23 @@
+"""Zero-shot evaluation: metrics, threshold protocols and reports."""
+
+from .metrics import ORACLE_CAPTION
+from .metrics import PROTOCOLS
+from .metrics import ThresholdChoice
+from .metrics import bootstrap_auc_ci
+from .metrics import choose_thresholds
+from .metrics import compute_metrics
+from .metrics import format_report_table
+from .metrics import load_metric
+from .metrics import thresholds_for_protocol
+
+__all__ = [
+    "ORACLE_CAPTION",
+    "PROTOCOLS",
+    "ThresholdChoice",
+    "bootstrap_auc_ci",
+    "choose_thresholds",
+    "compute_metrics",
+    "format_report_table",
+    "load_metric",
+    "thresholds_for_protocol",
+]

@@ -1,0 +1,67 @@
+"""Shared fixtures: offline environment, tiny models, saved checkpoints and a fresh-process runner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_KNOWLEDGE = {
+    "Cardiomegaly": {
+        "synonyms": ["enlarged heart"],
+        "descriptions": ["the cardiac silhouette is enlarged", "heart width exceeds half the thoracic width"],
+    },
+    "Pleural Effusion": {
+        "synonyms": ["Effusion"],
+        "descriptions": ["blunting of the costophrenic angle", "a dependent opacity with a meniscus"],
+    },
+    "No Finding": {"synonyms": ["normal"], "descriptions": ["the lungs are clear", "no acute abnormality"]},
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No hub; remote-code modules cached in a temporary HF_HOME (STACK-NOTES)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    yield
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny (model, processor) pair with the test knowledge base, seeded."""
+    from radz.presets import tiny
+
+    torch.manual_seed(0)
+    model, processor = tiny()
+    processor.set_knowledge(TINY_KNOWLEDGE)
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny LLaVA-RadZ checkpoint directory (model + processor + knowledge)."""
+    from radz.presets import tiny
+
+    torch.manual_seed(0)
+    model, processor = tiny()
+    processor.set_knowledge(TINY_KNOWLEDGE)
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def run_python(code: str, cwd=None, timeout: int = 300) -> str:
+    """Run `code` in a fresh Python process (outside the repo, so only installed or saved code is importable);
+    return its stdout, failing the test with stderr on a non-zero exit."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd or "/", env=env, timeout=timeout
+    )
+    assert result.returncode == 0, f"subprocess failed:\n{result.stderr[-4000:]}"
+    return result.stdout

@@ -1,0 +1,254 @@
+"""Tests for the synthetic chest-radiograph phantoms (radz/phantom.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from radz.phantom import (
+    FINDING_PHRASES,
+    FINDINGS,
+    NEGATION_PHRASES,
+    PHANTOM_LABELS,
+    generate_phantom,
+    main,
+    sample_findings,
+    write_phantom_dataset,
+)
+
+SIZE = 128
+TEXT_SIZE = 64  # the report does not depend on the image size: render small where only text matters
+
+
+N_STAT = 40  # images per group for the pixel statistics
+
+
+def _cases(seed, n, findings=None, size=SIZE):
+    rng = np.random.default_rng(seed)
+    return [generate_phantom(rng, size, findings) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def normals():
+    return _cases(100, N_STAT, {})
+
+
+def test_labels_constant():
+    assert PHANTOM_LABELS == ["Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Pneumonia",
+                              "Nodule", "Edema", "Atelectasis", "No Finding"]
+
+
+@pytest.mark.parametrize("size", [128, 192, 256])
+def test_image_format(size):
+    case = generate_phantom(np.random.default_rng(3), size)
+    assert case.image.shape == (size, size) and case.image.dtype == np.uint8
+    assert set(case.labels) == set(PHANTOM_LABELS)
+    # Air outside the body is dark, the mediastinum / abdomen bright: a real dynamic range.
+    assert case.image.min() < 40 and case.image.max() > 200
+
+
+def test_seed_determinism():
+    a, b, c = _cases(7, 5), _cases(7, 5), _cases(8, 5)
+    for x, y in zip(a, b):
+        assert np.array_equal(x.image, y.image)
+        assert x.labels == y.labels and x.report == y.report
+    assert any(not np.array_equal(x.image, z.image) for x, z in zip(a, c))
+    assert [x.report for x in a] != [z.report for z in c]
+
+
+def test_forced_findings_and_validation():
+    case = generate_phantom(np.random.default_rng(0), SIZE, {"Nodule": 1, "Edema": True})
+    assert case.labels == {**{n: 0 for n in PHANTOM_LABELS}, "Nodule": 1, "Edema": 1}
+    normal = generate_phantom(np.random.default_rng(0), SIZE, {"No Finding": 1})
+    assert normal.labels["No Finding"] == 1 and sum(normal.labels.values()) == 1
+    with pytest.raises(ValueError):
+        generate_phantom(np.random.default_rng(0), SIZE, {"Fracture": 1})
+    with pytest.raises(ValueError):
+        generate_phantom(np.random.default_rng(0), SIZE, {"Nodule": 1, "No Finding": 1})
+
+
+def test_prevalence():
+    rng = np.random.default_rng(0)
+    draws = [sample_findings(rng) for _ in range(4000)]
+    normal = np.mean([not any(d.values()) for d in draws])
+    assert 0.25 < normal < 0.35
+    for name in FINDINGS:
+        assert 0.13 < np.mean([d[name] for d in draws]) < 0.27, name
+    # Heart-failure findings travel together.
+    cardio = [d for d in draws if d["Cardiomegaly"]]
+    others = [d for d in draws if not d["Cardiomegaly"] and any(d.values())]
+    assert np.mean([d["Edema"] for d in cardio]) > 1.5 * np.mean([d["Edema"] for d in others])
+    none_at_all = sample_findings(rng, prevalence={n: 0.0 for n in FINDINGS}, normal_fraction=1.0)
+    assert not any(none_at_all.values())
+
+
+def _strip_negations(report, absent):
+    """Remove every negation phrase of the absent labels, longest first (joint phrases such as
+    'no pleural effusion or pneumothorax' contain shorter ones)."""
+    text = report.lower()
+    phrases = sorted({p for name in absent for p in NEGATION_PHRASES[name]}, key=len, reverse=True)
+    for phrase in phrases:
+        text = text.replace(phrase, " ")
+    return text
+
+
+def test_report_agrees_with_labels():
+    cases = _cases(11, 250, size=TEXT_SIZE)
+    for name in FINDINGS:  # make sure every finding was exercised
+        assert sum(c.labels[name] for c in cases) >= 15, name
+    for case in cases:
+        text = case.report.lower()
+        present = [n for n in PHANTOM_LABELS if case.labels[n]]
+        absent = [n for n in PHANTOM_LABELS if not case.labels[n]]
+        assert "findings:" in text and "impression:" in text
+        for name in present:
+            assert any(p in text for p in FINDING_PHRASES[name]), (name, case.report)
+            # A present finding is never negated.
+            assert not any(p in text for p in NEGATION_PHRASES[name]), (name, case.report)
+        stripped = _strip_negations(case.report, absent)
+        for name in absent:
+            assert not any(p in stripped for p in FINDING_PHRASES[name]), (name, case.report)
+
+
+def test_report_details_match_image_attributes():
+    for case in _cases(12, 120, size=TEXT_SIZE):
+        text = case.report.lower()
+        det = case.attributes["findings"]
+        if "Nodule" in det:
+            for lesion in det["Nodule"]["lesions"]:
+                assert f"{lesion['diameter_cm']:.1f} cm" in text or lesion["kind"] in text
+                assert lesion["side"] in text
+        if "Pneumothorax" in det:
+            assert det["Pneumothorax"]["side"] in text
+        if "Pleural Effusion" in det:
+            sides = det["Pleural Effusion"]["sides"]
+            assert ("bilateral" in text or "both" in text) if len(sides) == 2 else sides[0] in text
+        if "Cardiomegaly" in det:
+            assert case.attributes["heart_width_ratio"] > 0.5
+        else:
+            assert case.attributes["heart_width_ratio"] < 0.5
+
+
+def test_report_variety():
+    normal_reports = {c.report for c in _cases(13, 60, {}, size=TEXT_SIZE)}
+    assert len(normal_reports) > 40
+    cardio = [c.report.lower() for c in _cases(14, 60, {"Cardiomegaly": 1}, size=TEXT_SIZE)]
+    # Descriptive wording is used more often than the bare category name in the findings.
+    findings_sections = [r.split("impression:")[0] for r in cardio]
+    descriptive = sum("silhouette" in f or "heart is enlarged" in f for f in findings_sections)
+    assert descriptive > sum("cardiomegaly" in f for f in findings_sections)
+
+
+# ----- image statistics measured from pixels ---------------------------------------------------
+
+
+def _roi(img, r0, r1, c0, c1):
+    s = img.shape[0]
+    return float(img[int(r0 * s):int(r1 * s), int(c0 * s):int(c1 * s)].mean())
+
+
+def _disk(img, center, radius):
+    cx, cy = center
+    yy, xx = np.ogrid[: img.shape[0], : img.shape[1]]
+    mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= max(radius, 1.0) ** 2
+    return float(img[mask].mean())
+
+
+def _separated(pos, neg, min_diff):
+    """Group means differ by at least ``min_diff`` grey levels and by > 4 standard errors."""
+    pos, neg = np.asarray(pos), np.asarray(neg)
+    diff = pos.mean() - neg.mean()
+    se = np.sqrt(pos.var() / len(pos) + neg.var() / len(neg))
+    return diff > min_diff and diff > 4 * se
+
+
+def test_cardiomegaly_widens_heart(normals):
+    cases = _cases(20, N_STAT, {"Cardiomegaly": 1})
+    # Lower zone of the image-right (patient-left) lung, lateral to a normal heart border.
+    stat = lambda c: _roi(c.image, 0.55, 0.7, 0.66, 0.78)  # noqa: E731
+    assert _separated([stat(c) for c in cases], [stat(c) for c in normals], 25)
+
+
+def test_effusion_opacifies_lung_base(normals):
+    cases = _cases(21, N_STAT, {"Pleural Effusion": 1})
+    stat = lambda c: max(_roi(c.image, 0.6, 0.72, 0.1, 0.3), _roi(c.image, 0.6, 0.72, 0.7, 0.9))  # noqa: E731
+    assert _separated([stat(c) for c in cases], [stat(c) for c in normals], 20)
+
+
+def test_pneumothorax_apical_lucency(normals):
+    cases = _cases(22, N_STAT, {"Pneumothorax": 1})
+    # Within each image: the apical pleural gap against the same point of the other lung.
+    pos, neg = [], []
+    for case, normal in zip(cases, normals):
+        p = case.attributes["findings"]["Pneumothorax"]
+        r = p["apical_gap_px"] / 4
+        pos.append(_disk(case.image, p["mirror_point_px"], r) - _disk(case.image, p["gap_point_px"], r))
+        neg.append(_disk(normal.image, p["mirror_point_px"], r) - _disk(normal.image, p["gap_point_px"], r))
+    assert _separated(pos, neg, 5)
+
+
+@pytest.mark.parametrize("name", ["Pneumonia", "Nodule", "Atelectasis"])
+def test_focal_opacity_at_reported_position(name, normals):
+    cases = _cases(23, N_STAT, {name: 1})
+    pos, neg = [], []
+    for case, normal in zip(cases, normals):
+        det = case.attributes["findings"][name]
+        if name == "Pneumonia":
+            center, radius = det["foci"][0]["center_px"], det["foci"][0]["radius_px"] / 2
+        elif name == "Nodule":
+            center, radius = det["lesions"][0]["center_px"], det["lesions"][0]["radius_px"] * 0.6
+        else:
+            center, radius = det["center_px"], 1.5
+        pos.append(_disk(case.image, center, radius))
+        neg.append(_disk(normal.image, center, radius))
+    assert _separated(pos, neg, 15)
+
+
+def test_edema_perihilar_haze(normals):
+    cases = _cases(24, N_STAT, {"Edema": 1})
+    stat = lambda c: _roi(c.image, 0.38, 0.55, 0.24, 0.38)  # noqa: E731  right perihilar zone
+    assert _separated([stat(c) for c in cases], [stat(c) for c in normals], 15)
+
+
+# ----- dataset writer ----------------------------------------------------------------------------
+
+
+def _read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_write_phantom_dataset(tmp_path):
+    out = tmp_path / "a"
+    summary = write_phantom_dataset(out, n_train=10, n_validation=3, n_test=6, size=128, seed=5)
+    assert json.loads((out / "label_names.json").read_text()) == PHANTOM_LABELS
+    for split, n in (("train", 10), ("validation", 3), ("test", 6)):
+        rows = _read_jsonl(out / f"{split}.jsonl")
+        assert len(rows) == n == summary["splits"][split]["n"]
+        assert len(list((out / "images" / split).glob("*.png"))) == n
+        for i, row in enumerate(rows):
+            assert set(row) == {"image", "report", *PHANTOM_LABELS}
+            assert row["image"] == f"images/{split}/{i:06d}.png" and (out / row["image"]).is_file()
+            assert row["No Finding"] == int(not any(row[n] for n in FINDINGS))
+            assert all(row[n] in (0, 1) for n in PHANTOM_LABELS) and row["report"]
+
+    # The test split does not depend on the size of the other splits, nor on the worker count.
+    other = tmp_path / "b"
+    write_phantom_dataset(other, n_train=2, n_validation=0, n_test=6, size=128, seed=5, num_workers=2)
+    assert _read_jsonl(other / "test.jsonl") == _read_jsonl(out / "test.jsonl")
+    for i in range(6):
+        name = f"images/test/{i:06d}.png"
+        assert (other / name).read_bytes() == (out / name).read_bytes()
+    assert _read_jsonl(other / "train.jsonl") == _read_jsonl(out / "train.jsonl")[:2]
+    # A different seed gives a different split.
+    third = tmp_path / "c"
+    write_phantom_dataset(third, n_train=0, n_validation=0, n_test=6, size=128, seed=6)
+    assert _read_jsonl(third / "test.jsonl") != _read_jsonl(out / "test.jsonl")
+
+
+def test_cli(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--n_train", "3", "--n_validation", "1", "--n_test", "2",
+          "--size", "128", "--seed", "1"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"]["train"]["n"] == 3
+    assert len(_read_jsonl(tmp_path / "test.jsonl")) == 2
