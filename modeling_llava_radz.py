@@ -490,7 +490,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         self.config.auto_map = auto_map
         # The zero-shot pipeline travels with every checkpoint: beside this file in the package, or in the
         # checkpoint this model was loaded from (remote code is cached per file, so not always beside it).
-        sources = [Path(__file__).parent, Path(str(self.name_or_path))]
+        sources = [Path(__file__).parent] + ([Path(self.name_or_path)] if self.name_or_path else [])
         pipeline_file = next((d / PIPELINE_FILE for d in sources if (d / PIPELINE_FILE).is_file()), None)
         if pipeline_file is not None:
             self.config.custom_pipelines = {"zero-shot-image-classification": dict(PIPELINE_INFO)}

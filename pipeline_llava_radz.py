@@ -1,0 +1,436 @@
+"""`pipeline("zero-shot-image-classification", model=checkpoint, trust_remote_code=True)` for LLaVA-RadZ.
+
+Scores radiographs against free-text labels: single-label (softmax over the labels, as transformers' own
+zero-shot pipeline) or multi-label (each label against its negation "no {label}", CheXzero-style), with prompt
+ensembles and DKAM knowledge anchors. Label embeddings are computed once per label set and cached on the pipeline.
+
+This file is remote code: every checkpoint written by `LlavaRadZForZeroShotClassification.save_pretrained` carries it
+and declares it in `config.custom_pipelines`. It depends only on torch, transformers, numpy, PIL (DESIGN.md §2).
+"""
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoModel, Pipeline, ZeroShotImageClassificationPipeline
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.utils import logging
+
+try:
+    from .modeling_llava_radz import alignment_logits
+    from .processing_llava_radz import RadiographError, load_radiograph, normalize_label
+except ImportError:
+    from modeling_llava_radz import alignment_logits
+    from processing_llava_radz import RadiographError, load_radiograph, normalize_label
+
+
+logger = logging.get_logger(__name__)
+
+TASK = "zero-shot-image-classification"
+OPTIONS = (
+    "candidate_labels",
+    "hypothesis_template",
+    "templates",
+    "multi_label",
+    "use_knowledge",
+    "negative_template",
+    "batch_size",
+)
+DEFAULT_OPTIONS = {
+    "candidate_labels": None,
+    "hypothesis_template": None,
+    "templates": None,
+    "multi_label": False,
+    "use_knowledge": True,
+    "negative_template": "no {}",
+    "batch_size": 8,
+}
+KNOWLEDGE_MODES = (True, False, "generate")
+# use_knowledge="generate": the prompt asking the model's LLM to describe a label it has no knowledge of.
+DESCRIPTION_PROMPT = (
+    "Describe how {} appears on a radiograph and what distinguishes it from other findings, "
+    "in at most three short sentences."
+)
+MAX_GENERATED_DESCRIPTIONS = 3
+
+
+@dataclass
+class LabelEmbeddings:
+    """The text side of one label set, as the pipeline caches it.
+
+    `embeds[k]` is label k's DKAM anchor where `anchored[k]`, else the normalised mean of the global text embeddings
+    of its prompts (one per template); `local_embeds[k]` likewise for the local embeddings (zero for anchored
+    labels, which are scored on the global embedding alone). `negative_*` hold the "no {label}" prompts
+    (multi-label only).
+    """
+
+    labels: tuple
+    anchored: torch.Tensor
+    embeds: torch.Tensor
+    local_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None = None
+    negative_local_embeds: torch.Tensor | None = None
+
+
+def parse_descriptions(text: str) -> list[str]:
+    """Sentences of a generated answer, without list markers; at most `MAX_GENERATED_DESCRIPTIONS`."""
+    sentences = []
+    for piece in re.split(r"(?<=[.!?])\s+|\n+", text):
+        piece = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", piece).strip()
+        if re.search(r"[A-Za-z]{2}", piece):
+            sentences.append(piece)
+    return sentences[:MAX_GENERATED_DESCRIPTIONS]
+
+
+def _check_template(template, option: str) -> str:
+    if not isinstance(template, str):
+        raise TypeError(f"{option}: expected a string with one '{{}}', got {type(template).__name__}")
+    if template.count("{}") != 1:
+        raise ValueError(f"{option} {template!r} must contain '{{}}' exactly once (where the label goes)")
+    return template
+
+
+def _resize_and_crop(image, shortest_edge: int, crop_height: int, crop_width: int, resample) -> np.ndarray:
+    """The resize and centre crop of transformers' PIL image processors (`get_resize_output_image_size` with
+    `default_to_square=False`, then `center_crop`), on a PIL image; returns `[H, W, 3]` uint8."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    new_width, new_height = (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+    top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
+    resized = image.resize((new_width, new_height), resample=resample)
+    return np.asarray(resized.crop((left, top, left + crop_width, top + crop_height)))
+
+
+class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
+    """Zero-shot classification of radiographs with [`LlavaRadZForZeroShotClassification`].
+
+    ```python
+    clf = pipeline("zero-shot-image-classification", model=checkpoint_dir, trust_remote_code=True)
+    clf("cxr.dcm", candidate_labels=["Cardiomegaly", "Pleural Effusion", "No Finding"])
+    # [{"score": 0.71, "label": "Cardiomegaly", "anchor": True}, ...]  sorted by score
+    clf(["a.png", "b.dcm"], candidate_labels=[...], multi_label=True)  # a list of such lists
+    ```
+
+    Call options (also accepted by `pipeline(...)` as defaults):
+        candidate_labels (`list[str]`): the labels; no empty or duplicate ones.
+        hypothesis_template (`str`, *optional*): one prompt template with `{}` for the label (default: the bare label;
+            the processor's text prompt wraps it).
+        templates (`list[str]`, *optional*): a prompt ensemble; a label's embedding is the normalised mean over them.
+        multi_label (`bool`, defaults to False): score each label independently as
+            `softmax([s(label prompt), s(negative prompt)])[0]`, in [0, 1]; otherwise softmax over the labels.
+        use_knowledge (`True`, `False` or `"generate"`): score labels found in the processor's knowledge base against
+            their DKAM anchor. `"generate"` first has the model's LLM describe labels the base lacks (once per label
+            for the pipeline's lifetime) and adds them to `processor.knowledge`.
+        negative_template (`str`, defaults to `"no {}"`): the negation used by `multi_label`, inside every template.
+        batch_size (`int`, defaults to 8): images (and prompts) per forward pass.
+
+    Each result dict also says `"anchor"`: whether the label was scored against a knowledge anchor. Label
+    embeddings are cached per (labels, templates, knowledge, multi_label): clear `label_cache` after changing
+    the model's weights.
+    """
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def __new__(cls, model=None, *args, **kwargs):
+        # Registering this class takes over the task for the whole process; other models (CLIP, SigLIP...) keep
+        # transformers' own pipeline.
+        if model is not None and getattr(model.config, "model_type", None) != "llava_radz":
+            return ZeroShotImageClassificationPipeline(*args, model=model, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        if self.processor is None:
+            raise ValueError(f"{type(self).__name__} needs the LlavaRadZProcessor: pass processor=...")
+        self.label_cache: dict = {}
+        self.generated_descriptions: dict[str, list[str]] = {}
+
+    # -- options -----------------------------------------------------------------------------------------------
+    def _sanitize_parameters(self, **kwargs):
+        unknown = sorted(set(kwargs) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected option(s) {unknown}; expected some of {list(OPTIONS)}")
+        # `__call__` reads every option at once (labels and images are batched there), so all go to one dict.
+        return {}, dict(kwargs), {}
+
+    def _options(self, kwargs) -> dict:
+        """Pipeline defaults updated by the call's options, validated (before any model work)."""
+        options = dict(DEFAULT_OPTIONS)
+        if self._batch_size is not None:
+            options["batch_size"] = self._batch_size
+        options.update(self._forward_params)
+        options.update(self._sanitize_parameters(**kwargs)[1])
+
+        options["candidate_labels"] = self._check_labels(options["candidate_labels"])
+        if options["templates"] is not None and options["hypothesis_template"] is not None:
+            raise ValueError("give either hypothesis_template (one template) or templates (an ensemble), not both")
+        if options["templates"] is not None:
+            if isinstance(options["templates"], str) or not options["templates"]:
+                raise ValueError("templates must be a non-empty list of strings with '{}'")
+            templates = tuple(_check_template(t, "template") for t in options["templates"])
+        else:
+            templates = (_check_template(options["hypothesis_template"] or "{}", "hypothesis_template"),)
+        options["templates"] = templates
+        _check_template(options["negative_template"], "negative_template")
+        if options["use_knowledge"] not in KNOWLEDGE_MODES:
+            raise ValueError(f"use_knowledge={options['use_knowledge']!r}; expected True, False or 'generate'")
+        if not isinstance(options["multi_label"], bool):
+            raise TypeError(f"multi_label must be True or False, got {options['multi_label']!r}")
+        batch_size = options["batch_size"]
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return options
+
+    @staticmethod
+    def _check_labels(labels) -> tuple:
+        if labels is None:
+            raise ValueError("candidate_labels is missing: pass candidate_labels=[...]")
+        if isinstance(labels, str):
+            labels = [labels]
+        if not isinstance(labels, (list, tuple)):
+            raise TypeError(f"candidate_labels must be a list of strings, got {type(labels).__name__}")
+        if not labels:
+            raise ValueError("candidate_labels is empty; give at least one label")
+        seen = {}
+        for index, label in enumerate(labels):
+            if not isinstance(label, str):
+                raise TypeError(f"candidate_labels[{index}]: expected a string, got {type(label).__name__}")
+            if not label.strip():
+                raise ValueError(f"candidate_labels[{index}] is empty")
+            key = normalize_label(label)
+            if key in seen:
+                raise ValueError(
+                    f"candidate_labels has a duplicate: {label!r} (item {index}) repeats {seen[key][1]!r} "
+                    f"(item {seen[key][0]})"
+                )
+            seen[key] = (index, label)
+        return tuple(labels)
+
+    # -- the call ----------------------------------------------------------------------------------------------
+    def __call__(self, images, **kwargs):
+        """Classify one image (→ a list of `{"score", "label", "anchor"}` sorted by score) or a list of images (→ a
+        list of such lists). Images: PIL, numpy arrays, paths to PNG/JPEG/DICOM files, pydicom datasets."""
+        options = self._options(kwargs)
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if not items:
+            return []
+        batch_size = options["batch_size"]
+        # Every image is read and preprocessed before the model runs, so a bad item fails fast.
+        batches = [
+            self.preprocess(items[start : start + batch_size], offset=None if single else start)
+            for start in range(0, len(items), batch_size)
+        ]
+        results = []
+        with torch.inference_mode():
+            label_embeddings = self.label_embeddings(
+                options["candidate_labels"],
+                templates=options["templates"],
+                multi_label=options["multi_label"],
+                use_knowledge=options["use_knowledge"],
+                negative_template=options["negative_template"],
+                batch_size=batch_size,
+            )
+            for batch in batches:
+                scores = self._forward(batch, label_embeddings, options["multi_label"])
+                results += self.postprocess(scores, label_embeddings)
+        return results[0] if single else results
+
+    def preprocess(self, images, offset=None) -> BatchFeature:
+        """Read a batch of images (`load_radiograph`) and build the image-pass inputs.
+
+        `offset`: the batch's position in the caller's list, so that errors name the item; None for a single image.
+        Images are read on `torch.get_num_threads()` threads: decoding and resizing release the GIL.
+        """
+        resize = self._resize_settings()
+
+        def read(index, image):
+            if offset is None:
+                loaded = load_radiograph(image)
+            else:
+                try:
+                    loaded = load_radiograph(image, name=f"image {offset + index}")
+                except (RadiographError, TypeError) as error:
+                    raise type(error)(f"item {offset + index} of the batch: {error}") from error
+            return loaded if resize is None else _resize_and_crop(loaded, *resize)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(images), torch.get_num_threads()))) as pool:
+            read_images = list(pool.map(read, range(len(images)), images))  # raises the first bad item's error
+        if resize is None:
+            pixel_values = self.image_processor(read_images, return_tensors="pt")["pixel_values"]
+        else:
+            pixel_values = self._rescale_and_normalize(np.stack(read_images))
+        image_ids = torch.tensor(self.processor.image_prompt_ids(), dtype=torch.long).expand(len(images), -1)
+        return BatchFeature(
+            {
+                "pixel_values": pixel_values,
+                "image_input_ids": image_ids,
+                "image_attention_mask": torch.ones_like(image_ids),
+            }
+        )
+
+    def _resize_settings(self):
+        """`(shortest_edge, crop_height, crop_width, resample)` when the image processor is the usual CLIP-style PIL one
+        (resize the shortest edge, centre crop, rescale, normalise); None otherwise. For those, the pipeline computes
+        the processor's exact output itself (same bicubic PIL resize, same crop and arithmetic) without its
+        per-image numpy round trips, and normalises the batch at once."""
+        processor = self.image_processor
+        size, crop = getattr(processor, "size", None) or {}, getattr(processor, "crop_size", None) or {}
+        usual = (
+            getattr(processor, "backend", None) == "pil"
+            and all(getattr(processor, f, False) for f in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"))
+            and not getattr(processor, "do_pad", False)
+            and size.get("shortest_edge") and not size.get("longest_edge")
+            # a crop larger than the resized image would need the processor's padding
+            and 0 < (crop.get("height") or 0) <= size["shortest_edge"]
+            and 0 < (crop.get("width") or 0) <= size["shortest_edge"]
+        )
+        return (size["shortest_edge"], crop["height"], crop["width"], processor.resample) if usual else None
+
+    def _rescale_and_normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """`[N, H, W, 3]` uint8 → `[N, 3, H, W]` float32, with the processor's arithmetic (float64 rescale)."""
+        processor = self.image_processor
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (pixels.to(torch.float64) * processor.rescale_factor).to(torch.float32).sub_(mean).div_(std)
+
+    def _forward(self, model_inputs, label_embeddings: LabelEmbeddings, multi_label: bool = False) -> torch.Tensor:
+        """Scores `[batch, K]` of one image batch: label probabilities (softmax or per-label)."""
+        image = self.model.get_image_features(**model_inputs.to(self.device))
+        labels = label_embeddings
+        positive = self._logits(image, labels.embeds, labels.local_embeds, labels.anchored)
+        if not multi_label:
+            return positive.float().softmax(dim=-1)
+        negative = self._logits(image, labels.negative_embeds, labels.negative_local_embeds)
+        return torch.stack([positive, negative], dim=-1).float().softmax(dim=-1)[..., 0]
+
+    def _logits(self, image, embeds, local_embeds, anchored=None) -> torch.Tensor:
+        """Scaled image-label similarities; anchored labels compare the anchor with the image's global embedding."""
+        scale = self.model.scale()
+        logits = alignment_logits(
+            image.embeds, embeds, image.local_embeds, local_embeds, scale, self.model.config.alignment
+        )
+        if anchored is not None and bool(anchored.any()):
+            logits = torch.where(anchored, scale * image.embeds @ embeds.t(), logits)
+        return logits
+
+    def postprocess(self, model_outputs, label_embeddings: LabelEmbeddings) -> list[list[dict]]:
+        anchored = label_embeddings.anchored.tolist()
+        results = []
+        for scores in model_outputs.tolist():
+            ranked = sorted(zip(scores, label_embeddings.labels, anchored), key=lambda item: -item[0])
+            results.append([{"score": s, "label": label, "anchor": a} for s, label, a in ranked])
+        return results
+
+    # -- label embeddings --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def label_embeddings(
+        self,
+        candidate_labels,
+        templates=("{}",),
+        multi_label=False,
+        use_knowledge=True,
+        negative_template="no {}",
+        batch_size=8,
+    ) -> LabelEmbeddings:
+        """The (cached) text side of a label set; see `LabelEmbeddings`."""
+        labels, templates = tuple(candidate_labels), tuple(templates)
+        if use_knowledge == "generate":
+            self._generate_missing_knowledge(labels)
+        categories = [self.processor.match_category(label) if use_knowledge else None for label in labels]
+        # The key holds the descriptions themselves, so an edited knowledge base is never served stale anchors.
+        knowledge = tuple(
+            None if c is None else tuple(self.processor.knowledge[c]["descriptions"]) for c in categories
+        )
+        key = (labels, templates, multi_label, negative_template if multi_label else None, knowledge)
+        if key in self.label_cache:
+            return self.label_cache[key]
+
+        anchored = torch.tensor([c is not None for c in categories], device=self.device)
+        dim = self.model.config.projection_dim
+        embeds = torch.zeros(len(labels), dim, device=self.device, dtype=self.model.dtype)
+        local_embeds = torch.zeros_like(embeds)
+        prompt_rows = [k for k, c in enumerate(categories) if c is None]
+        if prompt_rows:
+            embeds[prompt_rows], local_embeds[prompt_rows] = self._encode_prompts(
+                [labels[k] for k in prompt_rows], templates, batch_size
+            )
+        anchor_rows = [k for k, c in enumerate(categories) if c is not None]
+        if anchor_rows:
+            encoded = self.processor.encode_anchors([labels[k] for k in anchor_rows]).to(self.device)
+            embeds[anchor_rows] = self.model.get_anchor_features(**encoded, num_categories=len(anchor_rows))
+        result = LabelEmbeddings(labels, anchored, embeds, local_embeds)
+        if multi_label:
+            negatives = [negative_template.format(label) for label in labels]
+            negative_embeds = self._encode_prompts(negatives, templates, batch_size)
+            result.negative_embeds, result.negative_local_embeds = negative_embeds
+        self.label_cache[key] = result
+        return result
+
+    def _encode_prompts(self, texts, templates, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per text, the normalised mean over `templates` of the global and of the local text embeddings."""
+        prompts = [template.format(text) for text in texts for template in templates]
+        embeds, local_embeds = [], []
+        for start in range(0, len(prompts), batch_size):
+            encoded = self.processor(text=prompts[start : start + batch_size]).to(self.device)
+            features = self.model.get_text_features(encoded["input_ids"], encoded["attention_mask"])
+            embeds.append(features.embeds)
+            local_embeds.append(features.local_embeds)
+        shape = (len(texts), len(templates), -1)
+        mean_embeds = torch.cat(embeds).view(shape).mean(dim=1)
+        mean_local = torch.cat(local_embeds).view(shape).mean(dim=1)
+        return torch.nn.functional.normalize(mean_embeds, dim=-1), torch.nn.functional.normalize(mean_local, dim=-1)
+
+    # -- use_knowledge="generate" ------------------------------------------------------------------------------
+    def _generate_missing_knowledge(self, labels):
+        """Have the LLM describe the labels that match no knowledge category; add them to `processor.knowledge`."""
+        knowledge = dict(self.processor.knowledge or {})
+        added = False
+        for label in labels:
+            if self.processor.match_category(label) is not None:
+                continue
+            key = normalize_label(label)
+            if key not in self.generated_descriptions:
+                self.generated_descriptions[key] = self._describe(label)
+            if self.generated_descriptions[key]:
+                knowledge[label] = {"synonyms": [], "descriptions": self.generated_descriptions[key]}
+                added = True
+            else:
+                logger.warning_once(f"use_knowledge='generate': no usable description of {label!r}; scoring its prompt")
+        if added:
+            self.processor.set_knowledge(knowledge)
+
+    def _describe(self, label: str) -> list[str]:
+        tokenizer = self.tokenizer
+        question = DESCRIPTION_PROMPT.format(label)
+        if getattr(tokenizer, "chat_template", None):
+            inputs = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )
+        else:
+            inputs = tokenizer(f"{question}\nAnswer:", return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        output = self.model.generate(
+            **inputs, max_new_tokens=64, min_new_tokens=8, do_sample=False, pad_token_id=pad_id
+        )
+        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return parse_descriptions(text)
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    TASK, pipeline_class=LlavaRadZZeroShotImageClassificationPipeline, pt_model=AutoModel
+)
+
+__all__ = ["LlavaRadZZeroShotImageClassificationPipeline", "LabelEmbeddings", "parse_descriptions"]
