@@ -1,14 +1,22 @@
 """Shared fixtures: offline environment, tiny models, saved checkpoints and a fresh-process runner."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Set before any test module imports transformers/evaluate: both read HF_HOME at import time (STACK-NOTES).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="llava_radz_hf_home_")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 TINY_KNOWLEDGE = {
     "Cardiomegaly": {
         "synonyms": ["enlarged heart"],
@@ -20,15 +28,6 @@ TINY_KNOWLEDGE = {
     },
     "No Finding": {"synonyms": ["normal"], "descriptions": ["the lungs are clear", "no acute abnormality"]},
 }
-
-
-@pytest.fixture(scope="session", autouse=True)
-def offline_env(tmp_path_factory):
-    """No hub; remote-code modules cached in a temporary HF_HOME (STACK-NOTES)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    yield
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation: metrics, threshold protocols and reports."""
+"""Zero-shot evaluation: metrics, threshold protocols and reports; the harness behind evaluate_radz.py."""
 
 from .metrics import ORACLE_CAPTION
 from .metrics import PROTOCOLS
@@ -9,8 +9,22 @@ from .metrics import compute_metrics
 from .metrics import format_report_table
 from .metrics import load_metric
 from .metrics import thresholds_for_protocol
+from .harness import EvaluationConfig
+from .harness import read_metrics
+from .harness import run_evaluation
+from .harness import summary_auc
+from .methods import METHODS
+from .methods import EvaluationError
+from .methods import RadZScorer
 
 __all__ = [
+    "EvaluationConfig",
+    "EvaluationError",
+    "METHODS",
+    "RadZScorer",
+    "read_metrics",
+    "run_evaluation",
+    "summary_auc",
     "ORACLE_CAPTION",
     "PROTOCOLS",
     "ThresholdChoice",
