@@ -1,0 +1,145 @@
+"""Command-line arguments of `train_radz.py`, as dataclasses for `HfArgumentParser`.
+
+`RadZTrainingArguments` subclasses `TrainingArguments`, so every Trainer flag (`--learning_rate`, `--save_steps`,
+`--resume_from_checkpoint`, `--use_cpu`, ...) works unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+# Every linear layer of a Llama/Mistral/Vicuna decoder block. The LoRA regex restricts them to the LLM, because the
+# CLIP vision tower has modules named q_proj/k_proj/v_proj too.
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class ModelArguments:
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "A transformers LLaVA checkpoint (hub id or directory), converted with `from_llava`."},
+    )
+    config: str | None = field(
+        default=None,
+        metadata={"help": "Instead of --base_model: a preset name ('tiny') or a preset JSON for `build_from_preset`."},
+    )
+    knowledge: str | None = field(
+        default=None,
+        metadata={
+            "help": "DKAM knowledge: a bundled set name or a JSON file {category: {synonyms, descriptions}}. It is "
+            "set on the processor and saved with every checkpoint."
+        },
+    )
+    num_cls_tokens: int | None = field(default=None, metadata={"help": "Special tokens per modality (config default 8)."})
+    dkam_lambda: float | None = field(default=None, metadata={"help": "λ in λ·L_CA + (1−λ)·L_CG (config default 0.5)."})
+    alignment: str | None = field(
+        default=None, metadata={"help": "'cross' (paper) or 'global' InfoNCE; config default 'cross'."}
+    )
+    lora_r: int = field(
+        default=16,
+        metadata={
+            "help": "LoRA rank on the LLM. 0 = no LoRA: the LLM stays frozen except the new special-token rows, "
+            "or is trained in full with --train_llm."
+        },
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default=DEFAULT_LORA_TARGETS,
+        metadata={"help": "Comma-separated module names that get LoRA, matched inside the LLM only."},
+    )
+    train_vision_tower: bool = field(default=False, metadata={"help": "Unfreeze the vision tower (frozen by default)."})
+    train_llm: bool = field(
+        default=False, metadata={"help": "With --lora_r 0: train every LLM weight instead of the token rows only."}
+    )
+
+    def __post_init__(self):
+        if (self.base_model is None) == (self.config is None):
+            raise ValueError("give exactly one of --base_model (a LLaVA checkpoint) or --config (a preset)")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
+        if self.train_llm and self.lora_r > 0:
+            raise ValueError("--train_llm trains the full LLM and needs --lora_r 0")
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training data: JSONL, CSV or parquet, one row per image."}
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Labelled validation data (same formats) for the zero-shot AUC evaluation."}
+    )
+    dataset_dir: str | None = field(
+        default=None, metadata={"help": "A `datasets` `save_to_disk` folder (a Dataset or a DatasetDict)."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A reader of `radz.datasets` (e.g. mimic_cxr, chexpert); needs --data_dir."}
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "Root folder of --dataset_name."})
+    train_split: str = field(default="train", metadata={"help": "Split for --dataset_dir / --dataset_name."})
+    validation_split: str | None = field(
+        default=None, metadata={"help": "Validation split for --dataset_dir / --dataset_name."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Column of image paths."})
+    report_column: str = field(default="report", metadata={"help": "Column of report texts."})
+    label_columns: str | None = field(
+        default=None, metadata={"help": "Comma-separated 0/1 label columns (blank or -1 = unknown); their names are the class names."}
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated names of the entries of a `labels` list column, in order."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+
+    def __post_init__(self):
+        sources = [self.train_file is not None, self.dataset_dir is not None, self.dataset_name is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one of --train_file, --dataset_dir or --dataset_name")
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError("--validation_file goes with --train_file; use --validation_split for the other sources")
+        if self.dataset_name is not None and self.data_dir is None:
+            raise ValueError("--dataset_name needs --data_dir")
+        if self.label_columns and self.class_names:
+            raise ValueError("--label_columns and --class_names exclude each other")
+
+    @staticmethod
+    def split_list(value: str | None) -> list[str]:
+        return [item.strip() for item in value.split(",") if item.strip()] if value else []
+
+
+@dataclass
+class RadZTrainingArguments(TrainingArguments):
+    # The collator needs the image/report/labels columns that the model's forward does not name.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for LLaVA-RadZ."})
+    gather_negatives: bool = field(
+        default=True,
+        metadata={"help": "Under data parallel, compute the contrastive loss over the global batch (all ranks)."},
+    )
+    anchor_descriptions_per_step: int = field(
+        default=1,
+        metadata={
+            "help": "DKAM anchors are re-encoded with gradients every step from a random subset of at most this "
+            "many descriptions per category (0 = all). Every description is an extra text sequence per step: with "
+            "14 categories, 1 per category costs about as much as the batch's report pass (benchmarks/bench_train.py)."
+        },
+    )
+    balance_classes: bool = field(
+        default=False, metadata={"help": "Sample so that every class comes equally often in an epoch."}
+    )
+    max_bad_fraction: float = field(
+        default=0.05,
+        metadata={"help": "Stop when more than this fraction of the samples seen are unreadable or have no report."},
+    )
+    bad_check_min_samples: int = field(
+        default=20, metadata={"help": "Samples to see before --max_bad_fraction is enforced during an epoch."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.remove_unused_columns:
+            raise ValueError("--remove_unused_columns must be False: the collator reads image/report/labels")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"--max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")

@@ -1,0 +1,88 @@
+"""Parameter-efficient setup of LLaVA-RadZ (the paper's DFAT recipe) and the final merged save.
+
+Trainable: the projector, LoRA on the LLM, the rows of the new `<ImgCls_*>`/`<TxtCls_*>` tokens, the global, local
+and anchor heads, `logit_scale` (and the sigmoid category bias). Frozen: the vision tower (unless
+`--train_vision_tower`) and every other LLM weight, including the old embedding rows.
+
+peft freezes every parameter that is not an adapter. The projector, heads and `logit_scale` are switched back on
+*after* `get_peft_model`, as ordinary parameters (not `modules_to_save` copies, which cannot hold a bare parameter
+like `logit_scale`); the trainer saves them beside the adapter in `NON_ADAPTER_FILE`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+
+from .args import ModelArguments
+
+# Names of the trainable modules of LlavaRadZForZeroShotClassification outside the LLM.
+HEAD_MODULES = ("image_global_head", "text_global_head", "image_local_head", "text_local_head", "anchor_head")
+# Parameter-name markers of peft's own trainable tensors (LoRA matrices, trainable-token deltas).
+ADAPTER_MARKERS = ("lora_", "trainable_tokens_")
+NON_ADAPTER_FILE = "non_adapter_trainable.safetensors"
+
+
+def lora_target_regex(module_names: list[str]) -> str:
+    """A peft `target_modules` regex matching `module_names` inside the LLM only (the CLIP tower has q_proj too)."""
+    names = "|".join(re.escape(name) for name in module_names)
+    return rf"llava\.model\.language_model\..*\.({names})"
+
+
+def _set_outside_llm_trainable(model, train_vision_tower: bool):
+    inner = model.llava.model
+    inner.multi_modal_projector.requires_grad_(True)
+    inner.vision_tower.requires_grad_(train_vision_tower)
+    for name in HEAD_MODULES:
+        getattr(model, name).requires_grad_(True)
+    model.logit_scale.requires_grad_(model.config.learnable_temperature)
+    if model.category_bias is not None:
+        model.category_bias.requires_grad_(True)
+
+
+def prepare_for_training(model, args: ModelArguments):
+    """Freeze and wrap `model` (a LlavaRadZForZeroShotClassification) as `args` say; returns the model to train:
+
+    - `lora_r > 0`: a peft `PeftModel` with LoRA on `lora_target_modules` of the LLM and trainable special-token rows;
+    - `lora_r == 0`: a peft `PeftModel` training only the special-token rows of the LLM, or, with `train_llm`,
+      the plain model with the whole LLM trainable.
+    """
+    token_ids = list(model.config.image_cls_token_ids) + list(model.config.text_cls_token_ids)
+    model.requires_grad_(False)
+    if args.lora_r > 0:
+        targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+        config = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=lora_target_regex(targets),
+            trainable_token_indices={"embed_tokens": token_ids},
+        )
+        model = get_peft_model(model, config)
+    elif not args.train_llm:
+        model = get_peft_model(model, TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=token_ids))
+    else:
+        model.llava.model.language_model.requires_grad_(True)
+    _set_outside_llm_trainable(unwrap(model), args.train_vision_tower)
+    return model
+
+
+def unwrap(model):
+    """The LlavaRadZForZeroShotClassification inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def non_adapter_state(model) -> dict:
+    """Trainable parameters of a peft-wrapped model that its adapter checkpoint does not hold (projector, heads,
+    `logit_scale`, a trainable vision tower), by their names in `model`."""
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if param.requires_grad and not any(marker in name for marker in ADAPTER_MARKERS)
+    }
+
+
+def merged_model(model):
+    """The plain LlavaRadZForZeroShotClassification with LoRA and token deltas folded into the base weights."""
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model

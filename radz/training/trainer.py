@@ -1,0 +1,333 @@
+"""`RadZTrainer`: the DFAT + DKAM objective `λ·L_CA + (1−λ)·L_CG` on the transformers `Trainer`.
+
+Gathered negatives. Under data parallel every rank all-gathers the image/text global and local embeddings and the
+labels, and computes the loss of the *global* batch, as open_clip's `ClipLoss(local_loss=False,
+gather_with_grad=False)`: `all_gather` carries no gradient, so this rank's slice is put back as the local tensor,
+which keeps its graph. Each rank then back-propagates only through its own shard; the shard's gradient is multiplied
+by the world size so that DDP's gradient *averaging* yields exactly the gradient of the global-batch loss (what one
+process with the whole batch computes). Parameters every rank uses in full (`logit_scale`, the anchors) already get
+the full gradient on each rank, and averaging leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from modeling_llava_radz import alignment_logits, alignment_loss
+
+from .data import BalancedClassSampler, RadZCollator, balance_keys
+from .lora import NON_ADAPTER_FILE, non_adapter_state, unwrap
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gathering across ranks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, tensor, factor: float):
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def distributed_world() -> int:
+    """The data-parallel world size (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All-gather each `[n_local, ...]` tensor along dim 0 from every rank, in rank order.
+
+    Ranks may hold different `n_local` (the collator can skip bad samples), so sizes are exchanged first and the
+    rows padded. Gradients flow only into this rank's own rows, scaled by the world size (see the module docstring).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = tensors[0].device
+    count = torch.tensor([len(tensors[0])], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    gathered = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor.detach()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        parts = [part[:n] for part, n in zip(parts, counts)]
+        parts[rank] = _ScaleGradient.apply(tensor, float(world)) if tensor.requires_grad else tensor
+        gathered.append(torch.cat(parts))
+    return gathered
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DKAM anchors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AnchorBank:
+    """The tokenised knowledge descriptions of the label categories, for re-encoding the anchors every step.
+
+    `sample(step)` picks at most `per_step` descriptions per category (all with `per_step=0`), at random but
+    determined by `(seed, step)`: every data-parallel rank and a resumed run pick the same ones. Sampling keeps
+    the anchor pass cheap (categories × per_step sequences per step) while every description is used over a run.
+    """
+
+    def __init__(self, processor, categories: list[str], per_step: int = 0, seed: int = 0):
+        try:
+            encoded = processor.encode_anchors(categories)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. L_CG needs a description of every label {categories}: pass --knowledge with a knowledge "
+                "file that covers them, or --dkam_lambda 1 to train with L_CA only"
+            ) from error
+        self.categories = list(categories)
+        self.input_ids = encoded["anchor_input_ids"]
+        self.attention_mask = encoded["anchor_attention_mask"]
+        self.category_ids = encoded["anchor_category_ids"]
+        self.members = [torch.nonzero(self.category_ids == c).flatten() for c in range(len(categories))]
+        self.per_step, self.seed = per_step, seed
+
+    def sample(self, step: int | None = None) -> dict[str, torch.Tensor]:
+        """`anchor_input_ids`, `anchor_attention_mask`, `anchor_category_ids` for the model (all rows if step=None)."""
+        if step is None or not self.per_step:
+            rows = torch.arange(len(self.input_ids))
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            picks = [m[torch.randperm(len(m), generator=generator)[: self.per_step]] for m in self.members]
+            rows = torch.cat(picks).sort().values
+        length = int(self.attention_mask[rows].sum(dim=1).max())  # right-padded: trim the common padding
+        return {
+            "anchor_input_ids": self.input_ids[rows, :length],
+            "anchor_attention_mask": self.attention_mask[rows, :length],
+            "anchor_category_ids": self.category_ids[rows],
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_auc(scores: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, float]:
+    """Per-label ROC AUC over the known (non-NaN) entries and their mean; a label with one class only is NaN."""
+    from sklearn.metrics import roc_auc_score
+
+    result = {}
+    for column, name in enumerate(label_names):
+        known = ~np.isnan(labels[:, column])
+        truth = labels[known, column]
+        result[f"auc_{name}"] = (
+            float(roc_auc_score(truth, scores[known, column])) if len(np.unique(truth)) == 2 else math.nan
+        )
+    defined = [v for v in result.values() if not math.isnan(v)]
+    result["mean_auc"] = float(np.mean(defined)) if defined else math.nan
+    return result
+
+
+@torch.no_grad()
+def zero_shot_scores(model, processor, dataset, label_names, batch_size: int, anchor_bank=None, device="cpu"):
+    """`[N, C]` cosine scores of each image against each label, and the `[N, C]` labels of the readable images.
+
+    A label is represented by its DKAM anchor when `anchor_bank` is given, else by the text pass of its name.
+    """
+    was_training = model.training
+    model.eval()
+    if anchor_bank is not None:
+        anchors = {k: v.to(device) for k, v in anchor_bank.sample().items()}
+        classes = model.get_anchor_features(**anchors, num_categories=len(label_names))
+    else:
+        classes = model.get_text_features(**processor(text=list(label_names)).to(device)).embeds
+    collator = RadZCollator(processor, max_bad_fraction=1.0, require_report=False)
+    scores, labels = [], []
+    for start in range(0, len(dataset), batch_size):
+        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = collator(rows)
+        labels.append(batch["labels"].numpy())
+        image = model.get_image_features(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        scores.append((image.embeds @ classes.t()).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class BadSampleCallback(TrainerCallback):
+    """At the end of every epoch, enforce `--max_bad_fraction` on all samples seen, however few."""
+
+    def __init__(self, collator: RadZCollator):
+        self.collator = collator
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.collator.bad_log.check(final=True)
+
+
+class RadZTrainer(Trainer):
+    """Trainer for LlavaRadZForZeroShotClassification (plain or peft-wrapped).
+
+    Extra arguments: `anchor_bank` (an `AnchorBank` over the training label names, for L_CG; None trains L_CA
+    only), and for `evaluate`, `eval_label_names` and `eval_anchor_bank` (None scores against label-name prompts).
+    Logs `loss_alignment`, `loss_category`, `temperature` (1/scale) and `retrieval_top1` (image→text top-1 on the
+    global batch) next to `loss`.
+    """
+
+    # compute_loss returns a per-batch mean, so the Trainer must divide it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, anchor_bank=None, eval_label_names=None, eval_anchor_bank=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.anchor_bank = anchor_bank
+        self.eval_label_names = list(eval_label_names or [])
+        self.eval_anchor_bank = eval_anchor_bank
+        self._metric_sums = defaultdict(float)
+        self._metric_steps = 0
+        if isinstance(self.data_collator, RadZCollator):
+            self.add_callback(BadSampleCallback(self.data_collator))
+
+    # -- loss ------------------------------------------------------------------------------------------------
+    def _gathering(self) -> bool:
+        return self.args.gather_negatives and distributed_world() > 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        radz = unwrap(self.accelerator.unwrap_model(model))
+        lam = radz.config.dkam_lambda
+        labels = inputs.get("labels")
+        with_category = labels is not None and lam < 1 and self.anchor_bank is not None
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if with_category:
+            anchors = self.anchor_bank.sample(self.state.global_step)
+            inputs.update({k: v.to(self.args.device) for k, v in anchors.items()}, labels=labels)
+        # The forward computes the local-batch loss; every parameter the loss touches is used inside it, as DDP needs.
+        outputs = model(**inputs, return_loss=True)
+
+        if self._gathering():
+            tensors = [outputs.image_embeds, outputs.text_embeds, outputs.image_local_embeds, outputs.text_local_embeds]
+            image, text, image_local, text_local, *rest = gather_rows(tensors + ([labels] if with_category else []))
+            scale, alignment = outputs.logit_scale, radz.config.alignment
+            loss_alignment = alignment_loss(image, text, image_local, text_local, scale, alignment)
+            logits = alignment_logits(image, text, image_local, text_local, scale, alignment)
+            loss, loss_category = loss_alignment, None
+            if with_category:
+                loss_category = radz.category_loss(image, text, outputs.anchor_embeds, rest[0])
+                loss = lam * loss_alignment + (1.0 - lam) * loss_category
+        else:
+            loss, loss_alignment, loss_category = outputs.loss, outputs.loss_alignment, outputs.loss_category
+            logits = outputs.logits_per_image
+
+        if model.training:
+            self._record_metrics(loss_alignment, loss_category, outputs.logit_scale, logits)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record_metrics(self, loss_alignment, loss_category, scale, logits):
+        sums = self._metric_sums
+        sums["loss_alignment"] += float(loss_alignment)
+        if loss_category is not None:
+            sums["loss_category"] += float(loss_category)
+        sums["temperature"] += 1.0 / float(scale)
+        targets = torch.arange(len(logits), device=logits.device)
+        sums["retrieval_top1"] += float((logits.argmax(dim=1) == targets).float().mean())
+        self._metric_steps += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The training log line (it carries "loss") gets the averages since the previous one.
+        if "loss" in logs and self._metric_steps:
+            logs.update({k: round(v / self._metric_steps, 6) for k, v in self._metric_sums.items()})
+            self._metric_sums.clear()
+            self._metric_steps = 0
+        super().log(logs, start_time)
+
+    # -- sampling --------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.balance_classes:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return BalancedClassSampler(balance_keys(dataset["labels"]), seed=seed)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        if isinstance(self.model, PeftModel):
+            state = {name: tensor.contiguous().cpu() for name, tensor in non_adapter_state(self.model).items()}
+            save_file(state, os.path.join(output_dir, NON_ADAPTER_FILE), metadata={"format": "pt"})
+        # Checkpoint files are safetensors and JSON: the Trainer's pickled TrainingArguments becomes JSON.
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, "training_args.json"), "w") as handle:
+            handle.write(self.args.to_json_string())
+
+    def _load_non_adapter(self, checkpoint: str, model=None):
+        model = model if model is not None else self.model
+        if not isinstance(model, PeftModel):
+            return  # a plain model's checkpoint holds every weight
+        path = os.path.join(checkpoint, NON_ADAPTER_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{checkpoint} lacks {NON_ADAPTER_FILE} (projector, heads, logit_scale)")
+        state = load_file(path)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        missing = sorted(set(non_adapter_state(model)) - set(state))
+        if unexpected or missing:
+            raise ValueError(
+                f"{path} does not match the trainable weights of this model (unexpected {unexpected[:3]}, missing "
+                f"{missing[:3]}); resume with the same --lora_r / --train_vision_tower / --train_llm flags"
+            )
+        for name, param in model.named_parameters():
+            if name in state:
+                param.requires_grad_(True)  # loading the adapter must not freeze them again
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_non_adapter(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        self._load_non_adapter(self.state.best_model_checkpoint)
+
+    # -- zero-shot evaluation --------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Zero-shot AUC on the labelled validation set: image embeddings scored against the label anchors (or
+        label-name prompts), `roc_auc_score` per label over known entries. Runs on the main process; the metrics
+        are broadcast so that every rank can use them (e.g. `metric_for_best_model`)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None or not self.eval_label_names:
+            raise ValueError("evaluate needs a labelled validation set (--validation_file with labels)")
+        names = self.eval_label_names
+        values = torch.full((len(names) + 1,), math.nan, device=self.args.device)
+        if self.is_world_process_zero():
+            scores, labels = zero_shot_scores(
+                unwrap(self.model), self.processing_class, dataset, names, self.args.per_device_eval_batch_size,
+                self.eval_anchor_bank, self.args.device,
+            )
+            aucs = mean_auc(scores, labels, names)
+            values = torch.tensor([aucs["mean_auc"]] + [aucs[f"auc_{n}"] for n in names], device=self.args.device)
+        if distributed_world() > 1:
+            dist.broadcast(values, src=0)
+        keys = ["mean_auc"] + [f"auc_{n}" for n in names]
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in zip(keys, values.tolist())}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
