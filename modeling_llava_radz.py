@@ -160,20 +160,34 @@ class LlavaRadZOutput(ModelOutput):
 
 
 class LlavaRadZHead(nn.Module):
-    """MLP head: `LayerNorm → Linear → activation → Linear`.
+    """MLP head: standardise → LayerNorm → Linear → activation → Linear.
 
-    The LayerNorm (as CLIP's `post_layernorm` before its projection) puts decoder states, whose scale differs by
-    orders of magnitude between models and layers, on one scale before the head.
+    Decoder states share a large per-dimension offset across all inputs (the "massive activations" of LLMs), so raw
+    states of different inputs are nearly parallel (cosine ≈ 0.998 for SmolLM2) and a contrastive loss starts
+    collapsed. `input_mean` / `input_std`, set by `LlavaRadZForZeroShotClassification.calibrate_heads` from a
+    calibration batch, remove that offset per dimension (diagonal BERT-whitening); they are fixed buffers, so
+    training and inference, and every data-parallel rank, see the same transform.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, activation: str = "gelu"):
         super().__init__()
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
         self.norm = nn.LayerNorm(in_dim)
         self.fc1 = nn.Linear(in_dim, hidden_dim)
         self.act = ACT2FN[activation]
         self.fc2 = nn.Linear(hidden_dim, out_dim)
 
+    @torch.no_grad()
+    def set_input_statistics(self, states: torch.Tensor):
+        """Standardise with the mean and std of `states` `[n, in_dim]`; stds below 1% of the median are raised
+        to it, so that near-constant dimensions are not blown up."""
+        std = states.float().std(dim=0)
+        self.input_mean.copy_(states.float().mean(dim=0))
+        self.input_std.copy_(std.clamp(min=0.01 * float(std.median()) + 1e-8))
+
     def forward(self, hidden_states):
+        hidden_states = (hidden_states - self.input_mean) / self.input_std
         return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
 
 
@@ -197,6 +211,9 @@ class LlavaRadZPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, LlavaRadZHead):
+            init.zeros_(module.input_mean)
+            init.ones_(module.input_std)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -250,8 +267,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             )
         return torch.tensor(ids, device=self.llava.device)
 
-    def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
-        """One LLM pass; read the special-token and content-token states at `config.feature_layer`."""
+    def _read_states(self, modality, input_ids, attention_mask, pixel_values=None):
+        """One LLM pass; the pooled special-token states and the mean content-token state at `feature_layer`."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cls_mask = torch.isin(input_ids, self._cls_ids(modality)) & attention_mask.bool()
@@ -285,7 +302,10 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             content = attention_mask.bool() & ~cls_mask
         weights = content.unsqueeze(-1).to(states.dtype)
         local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return pooled, local
 
+    def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
+        pooled, local = self._read_states(modality, input_ids, attention_mask, pixel_values)
         global_head = self.image_global_head if modality == "image" else self.text_global_head
         local_head = self.image_local_head if modality == "image" else self.text_local_head
         return LlavaRadZFeatures(
@@ -293,6 +313,27 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             local_embeds=F.normalize(local_head(local), dim=-1),
             pooled_cls_states=pooled,
         )
+
+    @torch.no_grad()
+    def calibrate_heads(self, image_inputs=None, text_inputs=None):
+        """Set the heads' input standardisation from a calibration batch (at least 2 samples per pass).
+
+        `image_inputs` / `text_inputs` are `processor(images=...)` / `processor(text=...)` outputs: a sample of
+        the training images and reports is best; `processor.calibration_inputs()` gives a generic one.
+        The anchor head shares the text-global statistics, as descriptions run through the text pass.
+        """
+        if image_inputs is not None:
+            pixel_values = image_inputs["pixel_values"].to(self.llava.device, self.llava.dtype)
+            pooled, local = self._read_states(
+                "image", image_inputs["image_input_ids"], image_inputs.get("image_attention_mask"), pixel_values
+            )
+            self.image_global_head.set_input_statistics(pooled)
+            self.image_local_head.set_input_statistics(local)
+        if text_inputs is not None:
+            pooled, local = self._read_states("text", text_inputs["input_ids"], text_inputs.get("attention_mask"))
+            self.text_global_head.set_input_statistics(pooled)
+            self.anchor_head.set_input_statistics(pooled)
+            self.text_local_head.set_input_statistics(local)
 
     def get_image_features(self, pixel_values, image_input_ids, image_attention_mask=None, **unused):
         """Image pass: `[image tokens] + image prompt + <ImgCls_*>` → `LlavaRadZFeatures`.
@@ -479,8 +520,9 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         # One config object for the wrapper and the wrapped model, as when built from a config.
         config.vision_config, config.text_config = llava.config.vision_config, llava.config.text_config
         llava.config = llava.model.config = config
-        model = cls(config, llava=llava)
-        return model.to(device=llava.device, dtype=llava.dtype)
+        model = cls(config, llava=llava).to(device=llava.device, dtype=llava.dtype)
+        model.calibrate_heads(*processor.calibration_inputs())
+        return model
 
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -23,6 +23,27 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 PERCENTILE_WINDOW = (0.5, 99.5)
 
 
+# Generic, varied sentences for `LlavaRadZProcessor.calibration_inputs`.
+CALIBRATION_SENTENCES = [
+    "The lungs are clear without focal consolidation.",
+    "The cardiac silhouette is enlarged.",
+    "Small left pleural effusion with blunting of the costophrenic angle.",
+    "Right apical pneumothorax with a visible pleural line.",
+    "Patchy airspace opacity in the right lower lobe.",
+    "A rounded nodule projects over the left upper zone.",
+    "Bilateral perihilar haziness in keeping with pulmonary edema.",
+    "Plate-like atelectasis at the left base.",
+    "No acute cardiopulmonary abnormality.",
+    "Degenerative changes of the thoracic spine.",
+    "Support devices are in standard position.",
+    "Hyperinflated lungs with flattened hemidiaphragms.",
+    "Mild joint space narrowing with small osteophytes.",
+    "Ground-glass opacities in both lower zones.",
+    "Mediastinal contours are within normal limits.",
+    "Healed fracture of the right posterior seventh rib.",
+]
+
+
 class RadiographError(ValueError):
     """An image input that cannot be read; the message names the item and the problem."""
 
@@ -395,6 +416,21 @@ class LlavaRadZProcessor(ProcessorMixin):
                     raise TypeError(f"text item {index}: expected a string, got {type(item).__name__}")
             data["input_ids"], data["attention_mask"] = self._pad([self.text_ids(t) for t in texts])
         return BatchFeature(data=data)
+
+    def calibration_inputs(self, num_samples: int = 16, seed: int = 0):
+        """A generic calibration batch for `model.calibrate_heads`: seeded noise and gradient images, and
+        varied radiology sentences. Prefer a sample of your own training images and reports."""
+        rng = np.random.default_rng(seed)
+        size = 64
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        images = [
+            rng.integers(0, 256, (size, size), dtype=np.uint8)
+            if i % 2
+            else np.clip(np.add.outer(ramp * rng.uniform(0, 1), ramp * rng.uniform(0, 1)) / 2, 0, 255).astype(np.uint8)
+            for i in range(num_samples)
+        ]
+        texts = [CALIBRATION_SENTENCES[i % len(CALIBRATION_SENTENCES)] for i in range(num_samples)]
+        return self(images=images), self(text=texts)
 
     # -- DKAM knowledge --------------------------------------------------------------------------------------
     def set_knowledge(self, knowledge: dict | None):

@@ -95,7 +95,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
     if covered_by_knowledge(processor, eval_label_names):
         eval_anchor_bank = AnchorBank(processor, eval_label_names)
 
-    model = prepare_for_training(model, model_args)
     collator = RadZCollator(
         processor,
         max_bad_fraction=training_args.max_bad_fraction,
@@ -103,6 +102,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         fallback_dataset=train_dataset,
         seed=training_args.seed,
     )
+    if training_args.calibration_samples > 0:
+        # Deterministic (the first rows, the initial weights), so a resumed run recomputes the same buffers.
+        rows = [train_dataset[i] for i in range(min(training_args.calibration_samples, len(train_dataset)))]
+        batch = RadZCollator(processor, max_bad_fraction=1.0)(rows)
+        model.calibrate_heads(batch, batch)
+    model = prepare_for_training(model, model_args)
     trainer = RadZTrainer(
         model=model,
         args=training_args,

@@ -99,7 +99,9 @@ def tiny(num_cls_tokens: int = 4, image_size: int = 32, **overrides):
     )
     overrides.setdefault("projection_dim", 32)
     config = config_for_processor(processor, vision, text, **overrides)
-    return LlavaRadZForZeroShotClassification(config), processor
+    model = LlavaRadZForZeroShotClassification(config)
+    model.calibrate_heads(*processor.calibration_inputs())
+    return model, processor
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,6 +162,7 @@ def build_from_llm(llm, tokenizer, vision_config, num_llm_layers=None, num_cls_t
         rows[len(embeddings) :] = embeddings.mean(dim=0)
         if not config.tie_word_embeddings:
             model.llava.lm_head.weight.copy_(rows if llm.config.tie_word_embeddings else _padded(llm.lm_head.weight, rows))
+    model.calibrate_heads(*processor.calibration_inputs())
     return model, processor
 
 

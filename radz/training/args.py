@@ -129,6 +129,13 @@ class RadZTrainingArguments(TrainingArguments):
     balance_classes: bool = field(
         default=False, metadata={"help": "Sample so that every class comes equally often in an epoch."}
     )
+    calibration_samples: int = field(
+        default=64,
+        metadata={
+            "help": "Before training, set the heads' input standardisation from the first N training pairs "
+            "(`calibrate_heads`; 0 keeps the generic calibration of the model builder)."
+        },
+    )
     max_bad_fraction: float = field(
         default=0.05,
         metadata={"help": "Stop when more than this fraction of the samples seen are unreadable or have no report."},
