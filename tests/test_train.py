@@ -439,3 +439,22 @@ def test_generate_knowledge_subcommand_dispatches(monkeypatch):
     monkeypatch.setitem(sys.modules, "radz.knowledge.cli", fake)
     assert train_radz.main(["generate-knowledge", "--categories", "Effusion"]) == 0
     assert seen == [["--categories", "Effusion"]]
+
+
+def test_vision_learning_rate_gives_the_tower_and_projector_their_own_group(tmp_path, tiny_model):
+    from radz.training import RadZTrainer, RadZTrainingArguments
+
+    model, _ = tiny_model
+    args = RadZTrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-4, vision_learning_rate=3e-3, use_cpu=True, report_to="none"
+    )
+    optimizer = RadZTrainer(model=model, args=args).create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
+    assert set(by_lr) == {1e-4, 3e-3}
+    assert all("vision_tower" in n or "multi_modal_projector" in n for n in by_lr[3e-3])
+    assert any("multi_modal_projector" in n for n in by_lr[3e-3])
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in by_lr[1e-4])
+    assert sum(len(v) for v in by_lr.values()) == sum(p.requires_grad for p in model.parameters())

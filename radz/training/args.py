@@ -129,6 +129,10 @@ class RadZTrainingArguments(TrainingArguments):
     balance_classes: bool = field(
         default=False, metadata={"help": "Sample so that every class comes equally often in an epoch."}
     )
+    vision_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the vision tower and projector (default: --learning_rate)."},
+    )
     calibration_samples: int = field(
         default=64,
         metadata={

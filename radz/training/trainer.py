@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -32,6 +33,9 @@ from .lora import NON_ADAPTER_FILE, non_adapter_state, unwrap
 # ----------------------------------------------------------------------------------------------------------------
 # Gathering across ranks
 # ----------------------------------------------------------------------------------------------------------------
+
+
+VISION_PARAMETER = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.")
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -255,6 +259,25 @@ class RadZTrainer(Trainer):
             self._metric_sums.clear()
             self._metric_steps = 0
         super().log(logs, start_time)
+
+    # -- optimiser -------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The Trainer's optimiser; with `--vision_learning_rate`, the vision tower and the projector get their
+        own learning rate (a tower trained from scratch wants a larger one than the LoRA weights)."""
+        optimizer = super().create_optimizer(model)
+        vision_lr = self.args.vision_learning_rate
+        if vision_lr is None:
+            return optimizer
+        model = self.model if model is None else model
+        vision = {id(p) for n, p in model.named_parameters() if VISION_PARAMETER.search(n)}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_vision in (False, True):
+                params = [p for p in group["params"] if (id(p) in vision) == is_vision]
+                if params:
+                    groups.append({**group, "params": params, **({"lr": vision_lr} if is_vision else {})})
+        optimizer.param_groups = groups
+        return optimizer
 
     # -- sampling --------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
