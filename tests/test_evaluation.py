@@ -373,6 +373,12 @@ def test_vqa_prompt_expands_the_image_token_inside_the_chat_template(tiny_checkp
     assert "Edema?" in text and text.rstrip().endswith("[assistant]") and ids != plain
     assert set(chat.yes_ids).isdisjoint(chat.no_ids)
 
+    # A processor holding an LLM's text-only template (the demo's SmolLM2 ChatML cannot render structured
+    # content) falls back to the tokenizer's template instead of failing.
+    text_only = "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] + '' }}\n{% endfor %}"
+    checkpoint.chat_template = checkpoint.processor.chat_template = text_only
+    assert VQAPrompt(checkpoint).ids("Does this chest X-ray show Edema?") == ids
+
 
 def test_answer_parsing_and_answer_metrics():
     assert parse_answer("Yes, there is") == 1.0 and parse_answer(" no.") == 0.0

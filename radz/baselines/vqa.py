@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import jinja2
 import numpy as np
 import torch
 
@@ -71,10 +72,14 @@ class VQAPrompt:
         image = checkpoint.image_token
         if checkpoint.chat_template:
             content = [{"type": "image"}, {"type": "text", "text": question}]
-            rendered = checkpoint.processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-            return rendered, True  # LlavaProcessor tokenizes its rendered template with special tokens
+            try:
+                rendered = checkpoint.processor.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                )
+            except (TypeError, jinja2.TemplateError):
+                rendered = ""  # a text-only template (e.g. an LLM's ChatML) cannot render structured content
+            if image in rendered:
+                return rendered, True  # LlavaProcessor tokenizes its rendered template with special tokens
         if getattr(checkpoint.tokenizer, "chat_template", None):
             rendered = checkpoint.tokenizer.apply_chat_template(
                 [{"role": "user", "content": f"{image}\n{question}"}], add_generation_prompt=True, tokenize=False
