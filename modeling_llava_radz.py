@@ -466,12 +466,14 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
 
     # -- conversion from LLaVA -------------------------------------------------------------------------------
     @classmethod
-    def from_llava(cls, llava_dir_or_model, processor=None, **config_overrides):
+    def from_llava(cls, llava_dir_or_model, processor=None, load_kwargs: dict | None = None, **config_overrides):
         """Turn a transformers `LlavaForConditionalGeneration` (object, hub id or directory) into LLaVA-RadZ.
 
         Adds `<ImgCls_*>`/`<TxtCls_*>` (ids from `processor`, or from `LlavaRadZProcessor.from_llava` on the
         same checkpoint), resizes the embeddings where needed and sets the new rows to the mean embedding;
-        initialises the heads; keeps every pretrained weight. `config_overrides` set LlavaRadZConfig fields.
+        initialises the heads; keeps every pretrained weight. `load_kwargs` go to `from_pretrained` (e.g.
+        `{"dtype": torch.bfloat16}` for a 7B model); `config_overrides` set LlavaRadZConfig
+        fields.
         """
         try:
             from .processing_llava_radz import LlavaRadZProcessor
@@ -490,7 +492,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 raise ValueError(f"{source}: cannot read a model config from it ({error})") from error
             if found != "llava":
                 raise ValueError(f"{source}: expected a LLaVA checkpoint (model_type 'llava'), found {found!r}")
-            llava = LlavaForConditionalGeneration.from_pretrained(source)
+            llava = LlavaForConditionalGeneration.from_pretrained(source, **(load_kwargs or {}))
             if processor is None:
                 num = config_overrides.get("num_cls_tokens", LlavaRadZConfig.num_cls_tokens)
                 processor = LlavaRadZProcessor.from_llava(source, num_cls_tokens=num)
@@ -523,7 +525,6 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         model = cls(config, llava=llava).to(device=llava.device, dtype=llava.dtype)
         model.calibrate_heads(*processor.calibration_inputs())
         return model
-
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # register_for_auto_class registers one auto class; the zero-shot one is added by hand.

@@ -454,3 +454,13 @@ def test_build_from_llm_keeps_the_first_layers_of_a_pretrained_llm(tied):
         torch.testing.assert_close(model.llava.lm_head.weight[:vocab], llm.lm_head.weight)
     out = model(**processor(images=random_images(2), text=REPORTS[:2]), return_loss=True)
     assert torch.isfinite(out.loss) and out.image_embeds.shape == (2, 16)
+
+
+def test_from_llava_passes_load_kwargs_and_keeps_the_dtype(tmp_path):
+    save_tiny_llava(tmp_path)
+    model = LlavaRadZForZeroShotClassification.from_llava(tmp_path, load_kwargs={"dtype": torch.bfloat16})
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    processor = LlavaRadZProcessor.from_llava(tmp_path)
+    with torch.no_grad():
+        out = model(**processor(images=random_images(2), text=REPORTS[:2]))
+    assert out.logits_per_image.dtype == torch.bfloat16 and torch.isfinite(out.logits_per_image.float()).all()

@@ -155,8 +155,8 @@ def test_interrupted_run_resumes_to_identical_predictions(tiny_checkpoint, phant
 def test_each_method_runs_end_to_end(method, tiny_checkpoint, phantom_dir, tmp_path):
     extra = {"vision_probe": ["--shots", "4"], "sft": ["--sft_steps", "2", "--balance_classes",
                                                          "--sft_learning_rate", "0.01"]}.get(method, [])
-    record = run(tiny_checkpoint, phantom_dir, tmp_path, "--method", method, "--labels", TWO_LABELS, "--limit", "6",
-                 *extra)
+    run(tiny_checkpoint, phantom_dir, tmp_path, "--method", method, "--labels", TWO_LABELS, "--limit", "6",
+        *extra)
     for name in ("predictions.parquet", "metrics.json", "report.md", "roc_curves.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert Image.open(tmp_path / "roc_curves.png").format == "PNG"
