@@ -22,17 +22,14 @@ import datasets
 import numpy as np
 import torch
 
+from radz.training.lora import lora_target_regex
+
 from .base import LoadedCheckpoint, model_fingerprint, pixel_values, select_rows, settings_key, training_data_key
 from .vqa import DEFAULT_QUESTION, VQAPrompt, VQAScorer
 
 logger = logging.getLogger(__name__)
 ADAPTER_FILE = "adapter_model.safetensors"
 IGNORE_INDEX = -100
-
-
-def lora_target_regex(module_names=("q_proj", "v_proj")) -> str:
-    """LoRA targets inside the LLM only: the CLIP vision tower uses the same projection names (STACK-NOTES)."""
-    return r".*language_model\..*\.(" + "|".join(module_names) + ")"
 
 
 def vqa_training_items(labels: np.ndarray, label_names: list[str], shots, balance, max_samples, seed) -> list[tuple]:
@@ -180,7 +177,7 @@ class SFTScorer(VQAScorer):
             max_length=None,
         )
         peft_config = LoraConfig(
-            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=lora_target_regex(),
+            r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0, target_modules=lora_target_regex(("q_proj", "v_proj")),
             task_type="CAUSAL_LM",
         )
         self.checkpoint.llava.train()

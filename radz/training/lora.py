@@ -24,10 +24,11 @@ ADAPTER_MARKERS = ("lora_", "trainable_tokens_")
 NON_ADAPTER_FILE = "non_adapter_trainable.safetensors"
 
 
-def lora_target_regex(module_names: list[str]) -> str:
-    """A peft `target_modules` regex matching `module_names` inside the LLM only (the CLIP tower has q_proj too)."""
+def lora_target_regex(module_names) -> str:
+    """A peft `target_modules` regex matching `module_names` inside the LLM only (the CLIP tower has q_proj too);
+    it fits LLaVA-RadZ (`llava.model.language_model…`) and a plain LLaVA (`model.language_model…`)."""
     names = "|".join(re.escape(name) for name in module_names)
-    return rf"llava\.model\.language_model\..*\.({names})"
+    return rf"(.*\.)?language_model\..*\.({names})"
 
 
 def _set_outside_llm_trainable(model, train_vision_tower: bool):
