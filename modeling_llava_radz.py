@@ -27,8 +27,9 @@ try:
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
 
-# `save_pretrained` copies the pipeline file into the checkpoint and declares it in `config.custom_pipelines`.
-PIPELINE_FILE = "pipeline_llava_radz.py"
+# `save_pretrained` copies the pipeline file (and the zero-shot classifier it imports) into the checkpoint and
+# declares it in `config.custom_pipelines`.
+PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py")
 PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -534,15 +535,16 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         # The zero-shot pipeline travels with every checkpoint: beside this file in the package, or in the
         # checkpoint this model was loaded from (remote code is cached per file, so not always beside it).
         sources = [Path(__file__).parent] + ([Path(self.name_or_path)] if self.name_or_path else [])
-        pipeline_file = next((d / PIPELINE_FILE for d in sources if (d / PIPELINE_FILE).is_file()), None)
-        if pipeline_file is not None:
+        pipeline_dir = next((d for d in sources if all((d / f).is_file() for f in PIPELINE_FILES)), None)
+        if pipeline_dir is not None:
             self.config.custom_pipelines = {"zero-shot-image-classification": dict(PIPELINE_INFO)}
         elif getattr(self.config, "custom_pipelines", None):
             self.config.custom_pipelines = {}  # declare no pipeline whose code the checkpoint would lack
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory) / PIPELINE_FILE
-        if pipeline_file is not None and not (target.exists() and target.samefile(pipeline_file)):
-            shutil.copyfile(pipeline_file, target)
+        for name in PIPELINE_FILES if pipeline_dir is not None else ():
+            target = Path(save_directory) / name
+            if not (target.exists() and target.samefile(pipeline_dir / name)):
+                shutil.copyfile(pipeline_dir / name, target)
         return result
 
 

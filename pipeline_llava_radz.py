@@ -2,7 +2,8 @@
 
 Scores radiographs against free-text labels: single-label (softmax over the labels, as transformers' own
 zero-shot pipeline) or multi-label (each label against its negation "no {label}", CheXzero-style), with prompt
-ensembles and DKAM knowledge anchors. Label embeddings are computed once per label set and cached on the pipeline.
+ensembles and DKAM knowledge anchors. The label side is `zero_shot_llava_radz.build_zero_shot_classifier` (the
+classifier `RadZTrainer.evaluate` measures too), built once per label set and cached on the pipeline.
 
 This file is remote code: every checkpoint written by `LlavaRadZForZeroShotClassification.save_pretrained` carries it
 and declares it in `config.custom_pipelines`. It depends only on torch, transformers, numpy, PIL (DESIGN.md §2).
@@ -10,7 +11,6 @@ and declares it in `config.custom_pipelines`. It depends only on torch, transfor
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,11 +20,11 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 try:
-    from .modeling_llava_radz import alignment_logits
     from .processing_llava_radz import RadiographError, load_radiograph, normalize_label
+    from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 except ImportError:
-    from modeling_llava_radz import alignment_logits
     from processing_llava_radz import RadiographError, load_radiograph, normalize_label
+    from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 
 
 logger = logging.get_logger(__name__)
@@ -55,24 +55,6 @@ DESCRIPTION_PROMPT = (
     "in at most three short sentences."
 )
 MAX_GENERATED_DESCRIPTIONS = 3
-
-
-@dataclass
-class LabelEmbeddings:
-    """The text side of one label set, as the pipeline caches it.
-
-    `embeds[k]` is label k's DKAM anchor where `anchored[k]`, else the normalised mean of the global text embeddings
-    of its prompts (one per template); `local_embeds[k]` likewise for the local embeddings (zero for anchored
-    labels, which are scored on the global embedding alone). `negative_*` hold the "no {label}" prompts
-    (multi-label only).
-    """
-
-    labels: tuple
-    anchored: torch.Tensor
-    embeds: torch.Tensor
-    local_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None = None
-    negative_local_embeds: torch.Tensor | None = None
 
 
 def parse_descriptions(text: str) -> list[str]:
@@ -230,7 +212,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         ]
         results = []
         with torch.inference_mode():
-            label_embeddings = self.label_embeddings(
+            classifier = self.label_embeddings(
                 options["candidate_labels"],
                 templates=options["templates"],
                 multi_label=options["multi_label"],
@@ -239,8 +221,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 batch_size=batch_size,
             )
             for batch in batches:
-                scores = self._forward(batch, label_embeddings, options["multi_label"])
-                results += self.postprocess(scores, label_embeddings)
+                results += self.postprocess(self._forward(batch, classifier), classifier)
         return results[0] if single else results
 
     def preprocess(self, images, offset=None) -> BatchFeature:
@@ -302,31 +283,15 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
         return (pixels.to(torch.float64) * processor.rescale_factor).to(torch.float32).sub_(mean).div_(std)
 
-    def _forward(self, model_inputs, label_embeddings: LabelEmbeddings, multi_label: bool = False) -> torch.Tensor:
-        """Scores `[batch, K]` of one image batch: label probabilities (softmax or per-label)."""
-        image = self.model.get_image_features(**model_inputs.to(self.device))
-        labels = label_embeddings
-        positive = self._logits(image, labels.embeds, labels.local_embeds, labels.anchored)
-        if not multi_label:
-            return positive.float().softmax(dim=-1)
-        negative = self._logits(image, labels.negative_embeds, labels.negative_local_embeds)
-        return torch.stack([positive, negative], dim=-1).float().softmax(dim=-1)[..., 0]
+    def _forward(self, model_inputs, classifier: ZeroShotClassifier) -> torch.Tensor:
+        """Scores `[batch, K]` of one image batch: `classifier.probabilities` (softmax or per-label)."""
+        return classifier.probabilities(self.model.get_image_features(**model_inputs.to(self.device)))
 
-    def _logits(self, image, embeds, local_embeds, anchored=None) -> torch.Tensor:
-        """Scaled image-label similarities; anchored labels compare the anchor with the image's global embedding."""
-        scale = self.model.scale()
-        logits = alignment_logits(
-            image.embeds, embeds, image.local_embeds, local_embeds, scale, self.model.config.alignment
-        )
-        if anchored is not None and bool(anchored.any()):
-            logits = torch.where(anchored, scale * image.embeds @ embeds.t(), logits)
-        return logits
-
-    def postprocess(self, model_outputs, label_embeddings: LabelEmbeddings) -> list[list[dict]]:
-        anchored = label_embeddings.anchored.tolist()
+    def postprocess(self, model_outputs, classifier: ZeroShotClassifier) -> list[list[dict]]:
+        anchored = classifier.anchored.tolist()
         results = []
         for scores in model_outputs.tolist():
-            ranked = sorted(zip(scores, label_embeddings.labels, anchored), key=lambda item: -item[0])
+            ranked = sorted(zip(scores, classifier.labels, anchored), key=lambda item: -item[0])
             results.append([{"score": s, "label": label, "anchor": a} for s, label, a in ranked])
         return results
 
@@ -340,54 +305,35 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         use_knowledge=True,
         negative_template="no {}",
         batch_size=8,
-    ) -> LabelEmbeddings:
-        """The (cached) text side of a label set; see `LabelEmbeddings`."""
+    ) -> ZeroShotClassifier:
+        """The (cached) `build_zero_shot_classifier` of a label set; see `ZeroShotClassifier`."""
         labels, templates = tuple(candidate_labels), tuple(templates)
         if use_knowledge == "generate":
             self._generate_missing_knowledge(labels)
-        categories = [self.processor.match_category(label) if use_knowledge else None for label in labels]
+        categories = label_categories(self.processor, labels, use_knowledge)
         # The key holds the descriptions themselves, so an edited knowledge base is never served stale anchors.
         knowledge = tuple(
             None if c is None else tuple(self.processor.knowledge[c]["descriptions"]) for c in categories
         )
         key = (labels, templates, multi_label, negative_template if multi_label else None, knowledge)
-        if key in self.label_cache:
-            return self.label_cache[key]
-
-        anchored = torch.tensor([c is not None for c in categories], device=self.device)
-        dim = self.model.config.projection_dim
-        embeds = torch.zeros(len(labels), dim, device=self.device, dtype=self.model.dtype)
-        local_embeds = torch.zeros_like(embeds)
-        prompt_rows = [k for k, c in enumerate(categories) if c is None]
-        if prompt_rows:
-            embeds[prompt_rows], local_embeds[prompt_rows] = self._encode_prompts(
-                [labels[k] for k in prompt_rows], templates, batch_size
+        if key not in self.label_cache:
+            self.label_cache[key] = build_zero_shot_classifier(
+                self.model,
+                self.processor,
+                labels,
+                templates=templates,
+                multi_label=multi_label,
+                use_knowledge=bool(use_knowledge),
+                negative_template=negative_template,
+                batch_size=batch_size,
             )
-        anchor_rows = [k for k, c in enumerate(categories) if c is not None]
-        if anchor_rows:
-            encoded = self.processor.encode_anchors([labels[k] for k in anchor_rows]).to(self.device)
-            embeds[anchor_rows] = self.model.get_anchor_features(**encoded, num_categories=len(anchor_rows))
-        result = LabelEmbeddings(labels, anchored, embeds, local_embeds)
-        if multi_label:
-            negatives = [negative_template.format(label) for label in labels]
-            negative_embeds = self._encode_prompts(negatives, templates, batch_size)
-            result.negative_embeds, result.negative_local_embeds = negative_embeds
-        self.label_cache[key] = result
-        return result
+        return self.label_cache[key]
 
-    def _encode_prompts(self, texts, templates, batch_size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per text, the normalised mean over `templates` of the global and of the local text embeddings."""
-        prompts = [template.format(text) for text in texts for template in templates]
-        embeds, local_embeds = [], []
-        for start in range(0, len(prompts), batch_size):
-            encoded = self.processor(text=prompts[start : start + batch_size]).to(self.device)
-            features = self.model.get_text_features(encoded["input_ids"], encoded["attention_mask"])
-            embeds.append(features.embeds)
-            local_embeds.append(features.local_embeds)
-        shape = (len(texts), len(templates), -1)
-        mean_embeds = torch.cat(embeds).view(shape).mean(dim=1)
-        mean_local = torch.cat(local_embeds).view(shape).mean(dim=1)
-        return torch.nn.functional.normalize(mean_embeds, dim=-1), torch.nn.functional.normalize(mean_local, dim=-1)
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save the model, this code and the processor with its knowledge: transformers' `Pipeline.save_pretrained`
+        saves the tokenizer and the image processor only, so the folder would not load back."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory, **kwargs)
 
     # -- use_knowledge="generate" ------------------------------------------------------------------------------
     def _generate_missing_knowledge(self, labels):
@@ -433,4 +379,4 @@ PIPELINE_REGISTRY.register_pipeline(
     TASK, pipeline_class=LlavaRadZZeroShotImageClassificationPipeline, pt_model=AutoModel
 )
 
-__all__ = ["LlavaRadZZeroShotImageClassificationPipeline", "LabelEmbeddings", "parse_descriptions"]
+__all__ = ["LlavaRadZZeroShotImageClassificationPipeline", "parse_descriptions"]

@@ -67,10 +67,6 @@ def build_model(args: ModelArguments):
     return model, processor
 
 
-def covered_by_knowledge(processor, names: list[str]) -> bool:
-    return bool(names) and all(processor.match_category(name) is not None for name in names)
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: RadZTrainingArguments):
     """Build, train and save; returns the trainer (its `model` is the merged model afterwards)."""
     set_seed(training_args.seed)
@@ -91,9 +87,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         )
     elif model.config.dkam_lambda < 1:
         logger.warning("the training data has no labels: training with L_CA only (no DKAM category loss)")
-    eval_anchor_bank = None
-    if covered_by_knowledge(processor, eval_label_names):
-        eval_anchor_bank = AnchorBank(processor, eval_label_names)
 
     collator = RadZCollator(
         processor,
@@ -117,7 +110,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         processing_class=processor,
         anchor_bank=anchor_bank,
         eval_label_names=eval_label_names,
-        eval_anchor_bank=eval_anchor_bank,
     )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)

@@ -140,6 +140,20 @@ class RadZTrainingArguments(TrainingArguments):
             "(`calibrate_heads`; 0 keeps the generic calibration of the model builder)."
         },
     )
+    eval_use_knowledge: bool = field(
+        default=True,
+        metadata={
+            "help": "Zero-shot evaluation: score a label found in the knowledge base against its DKAM anchor, as the "
+            "pipeline's use_knowledge=True does (False: every label by the text pass of its name)."
+        },
+    )
+    eval_multi_label: bool = field(
+        default=False,
+        metadata={
+            "help": "Zero-shot evaluation: score each label against 'no {label}', as the pipeline's multi_label=True "
+            "(default: a softmax over the labels)."
+        },
+    )
     max_bad_fraction: float = field(
         default=0.05,
         metadata={"help": "Stop when more than this fraction of the samples seen are unreadable or have no report."},

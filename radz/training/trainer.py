@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from modeling_llava_radz import alignment_logits, alignment_loss
+from zero_shot_llava_radz import build_zero_shot_classifier
 
 from .data import BalancedClassSampler, RadZCollator, balance_keys
 from .lora import NON_ADAPTER_FILE, non_adapter_state, unwrap
@@ -146,18 +147,20 @@ def mean_auc(scores: np.ndarray, labels: np.ndarray, label_names: list[str]) -> 
 
 
 @torch.no_grad()
-def zero_shot_scores(model, processor, dataset, label_names, batch_size: int, anchor_bank=None, device="cpu"):
-    """`[N, C]` cosine scores of each image against each label, and the `[N, C]` labels of the readable images.
+def zero_shot_scores(
+    model, processor, dataset, label_names, batch_size: int, device="cpu", use_knowledge=True, multi_label=False
+):
+    """`[N, C]` zero-shot probabilities of the readable images against the labels, and their `[N, C]` labels.
 
-    A label is represented by its DKAM anchor when `anchor_bank` is given, else by the text pass of its name.
+    The classifier is the zero-shot pipeline's, with its defaults (`build_zero_shot_classifier`): a label found in
+    the processor's knowledge base is scored against its DKAM anchor (with `use_knowledge`), any other by the text
+    pass of its name; a softmax over the labels, or each label against "no {label}" with `multi_label`.
     """
     was_training = model.training
     model.eval()
-    if anchor_bank is not None:
-        anchors = {k: v.to(device) for k, v in anchor_bank.sample().items()}
-        classes = model.get_anchor_features(**anchors, num_categories=len(label_names))
-    else:
-        classes = model.get_text_features(**processor(text=list(label_names)).to(device)).embeds
+    classifier = build_zero_shot_classifier(
+        model, processor, label_names, multi_label=multi_label, use_knowledge=use_knowledge, batch_size=batch_size
+    )
     collator = RadZCollator(processor, max_bad_fraction=1.0, require_report=False)
     scores, labels = [], []
     for start in range(0, len(dataset), batch_size):
@@ -165,7 +168,7 @@ def zero_shot_scores(model, processor, dataset, label_names, batch_size: int, an
         batch = collator(rows)
         labels.append(batch["labels"].numpy())
         image = model.get_image_features(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-        scores.append((image.embeds @ classes.t()).float().cpu().numpy())
+        scores.append(classifier.probabilities(image).cpu().numpy())
     model.train(was_training)
     return np.concatenate(scores), np.concatenate(labels)
 
@@ -189,7 +192,7 @@ class RadZTrainer(Trainer):
     """Trainer for LlavaRadZForZeroShotClassification (plain or peft-wrapped).
 
     Extra arguments: `anchor_bank` (an `AnchorBank` over the training label names, for L_CG; None trains L_CA
-    only), and for `evaluate`, `eval_label_names` and `eval_anchor_bank` (None scores against label-name prompts).
+    only), and for `evaluate`, `eval_label_names`.
     Logs `loss_alignment`, `loss_category`, `temperature` (1/scale) and `retrieval_top1` (image→text top-1 on the
     global batch) next to `loss`.
     """
@@ -197,11 +200,10 @@ class RadZTrainer(Trainer):
     # compute_loss returns a per-batch mean, so the Trainer must divide it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, anchor_bank=None, eval_label_names=None, eval_anchor_bank=None, **kwargs):
+    def __init__(self, *args, anchor_bank=None, eval_label_names=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.anchor_bank = anchor_bank
         self.eval_label_names = list(eval_label_names or [])
-        self.eval_anchor_bank = eval_anchor_bank
         self._metric_sums = defaultdict(float)
         self._metric_steps = 0
         if isinstance(self.data_collator, RadZCollator):
@@ -332,9 +334,10 @@ class RadZTrainer(Trainer):
 
     # -- zero-shot evaluation --------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Zero-shot AUC on the labelled validation set: image embeddings scored against the label anchors (or
-        label-name prompts), `roc_auc_score` per label over known entries. Runs on the main process; the metrics
-        are broadcast so that every rank can use them (e.g. `metric_for_best_model`)."""
+        """Zero-shot AUC on the labelled validation set: the probabilities of the zero-shot pipeline's classifier
+        (`zero_shot_scores`, with `--eval_use_knowledge` and `--eval_multi_label`), `roc_auc_score` per label over
+        known entries. Runs on the main process; the metrics are broadcast so that every rank can use them (e.g.
+        `metric_for_best_model`)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or not self.eval_label_names:
             raise ValueError("evaluate needs a labelled validation set (--validation_file with labels)")
@@ -343,7 +346,7 @@ class RadZTrainer(Trainer):
         if self.is_world_process_zero():
             scores, labels = zero_shot_scores(
                 unwrap(self.model), self.processing_class, dataset, names, self.args.per_device_eval_batch_size,
-                self.eval_anchor_bank, self.args.device,
+                self.args.device, use_knowledge=self.args.eval_use_knowledge, multi_label=self.args.eval_multi_label,
             )
             aucs = mean_auc(scores, labels, names)
             values = torch.tensor([aucs["mean_auc"]] + [aucs[f"auc_{n}"] for n in names], device=self.args.device)
