@@ -1,10 +1,15 @@
 """LLaVA-RadZ configuration.
 
 This file is remote code: `save_pretrained` copies it into every checkpoint. It imports only
-transformers (DESIGN.md §2).
+transformers and the tower it registers (vision_llava_radz.py).
 """
 
 from transformers import LlavaConfig
+
+try:  # registers the convolutional tower with AutoConfig, so that a vision_config naming it loads
+    from .vision_llava_radz import LlavaRadZConvVisionConfig  # noqa: F401
+except ImportError:
+    from vision_llava_radz import LlavaRadZConvVisionConfig  # noqa: F401
 
 
 ALIGNMENT_MODES = ("global", "cross")

@@ -131,7 +131,8 @@ class LlavaRadZOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, with `return_loss=True`): `λ·loss_alignment + (1−λ)·loss_category`,
             or `loss_alignment` alone when no labels are given.
         loss_alignment (`torch.FloatTensor` of shape `()`): L_CA, the DFAT InfoNCE.
-        loss_category (`torch.FloatTensor` of shape `()`): L_CG, the DKAM category loss (with labels).
+        loss_category (`torch.FloatTensor` of shape `()`): L_CG, the DKAM category loss (with labels): the mean of
+            `loss_category_image` and `loss_category_text`, its image-side and text-side terms.
         logits_per_image (`torch.FloatTensor` of shape `(n_images, n_texts)`): scaled image-text similarities.
         logits_per_text (`torch.FloatTensor` of shape `(n_texts, n_images)`): the transpose.
         image_embeds / text_embeds (`torch.FloatTensor` of shape `(n, projection_dim)`): L2-normalised global
@@ -145,6 +146,8 @@ class LlavaRadZOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     loss_alignment: torch.FloatTensor | None = None
     loss_category: torch.FloatTensor | None = None
+    loss_category_image: torch.FloatTensor | None = None
+    loss_category_text: torch.FloatTensor | None = None
     logits_per_image: torch.FloatTensor | None = None
     logits_per_text: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
@@ -417,7 +420,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 image.embeds, text.embeds, image.local_embeds, text.local_embeds, scale, self.config.alignment
             )
 
-        loss = loss_alignment = loss_category = None
+        loss = loss_alignment = loss_category = category_image = category_text = None
         if return_loss:
             if image is None or text is None:
                 raise ValueError("return_loss=True needs both images and texts")
@@ -438,7 +441,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                         f"labels have shape {tuple(labels.shape)}, expected (batch={len(image.embeds)}, "
                         f"num_categories={len(anchor_embeds)})"
                     )
-                loss_category = self.category_loss(image.embeds, text.embeds, anchor_embeds, labels)
+                category_image, category_text = self.category_losses(image.embeds, text.embeds, anchor_embeds, labels)
+                loss_category = (category_image + category_text) / 2.0
                 lam = self.config.dkam_lambda
                 loss = lam * loss_alignment + (1.0 - lam) * loss_category
 
@@ -446,6 +450,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             loss=loss,
             loss_alignment=loss_alignment,
             loss_category=loss_category,
+            loss_category_image=category_image,
+            loss_category_text=category_text,
             logits_per_image=logits_per_image,
             logits_per_text=None if logits_per_image is None else logits_per_image.t(),
             image_embeds=None if image is None else image.embeds,
@@ -456,14 +462,18 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             logit_scale=scale,
         )
 
-    def category_loss(self, image_embeds, text_embeds, anchor_embeds, labels) -> torch.Tensor:
-        """L_CG: the mean of the image-side and text-side `category_loss`."""
+    def category_losses(self, image_embeds, text_embeds, anchor_embeds, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image-side and the text-side `category_loss` (L_CG is their mean)."""
         labels = labels.to(image_embeds.device, image_embeds.dtype)
         kind, scale, bias = self.config.category_loss, self.scale(), self.category_bias
         return (
-            category_loss(image_embeds, anchor_embeds, labels, scale, kind, bias)
-            + category_loss(text_embeds, anchor_embeds, labels, scale, kind, bias)
-        ) / 2.0
+            category_loss(image_embeds, anchor_embeds, labels, scale, kind, bias),
+            category_loss(text_embeds, anchor_embeds, labels, scale, kind, bias),
+        )
+
+    def category_loss(self, image_embeds, text_embeds, anchor_embeds, labels) -> torch.Tensor:
+        """L_CG: the mean of the image-side and text-side `category_loss`."""
+        return sum(self.category_losses(image_embeds, text_embeds, anchor_embeds, labels)) / 2.0
 
     # -- conversion from LLaVA -------------------------------------------------------------------------------
     @classmethod

@@ -13,6 +13,7 @@ loads with `AutoModel`/`AutoProcessor.from_pretrained(dir, trust_remote_code=Tru
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from radz.training import (
     load_split,
     merged_model,
     prepare_for_training,
+    pretrain_vision_tower,
     scan_dataset,
 )
 
@@ -95,6 +97,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         fallback_dataset=train_dataset,
         seed=training_args.seed,
     )
+    if training_args.tower_pretraining_steps > 0:
+        # Deterministic, like the calibration below: a resumed run repeats it and gets the same buffers.
+        curve = pretrain_vision_tower(
+            model, processor, train_dataset, training_args.tower_pretraining_steps,
+            batch_size=training_args.tower_pretraining_batch_size,
+            learning_rate=training_args.tower_pretraining_learning_rate, seed=training_args.seed,
+        )
+        if training_args.should_save:
+            Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(training_args.output_dir) / "tower_pretraining.json").write_text(json.dumps(curve, indent=1))
     if training_args.calibration_samples > 0:
         # Deterministic (the first rows, the initial weights), so a resumed run recomputes the same buffers.
         rows = [train_dataset[i] for i in range(min(training_args.calibration_samples, len(train_dataset)))]

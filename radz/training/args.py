@@ -133,6 +133,16 @@ class RadZTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Learning rate of the vision tower and projector (default: --learning_rate)."},
     )
+    tower_pretraining_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Before DFAT, a label-free first stage of this many steps: image–report contrastive pretraining of "
+            "the vision tower and projector alone (radz.training.tower), standing in for the CLIP pretraining of a "
+            "real LLaVA tower. For towers trained from scratch."
+        },
+    )
+    tower_pretraining_batch_size: int = field(default=32, metadata={"help": "Batch size of the first stage."})
+    tower_pretraining_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the first stage."})
     calibration_samples: int = field(
         default=64,
         metadata={

@@ -193,8 +193,9 @@ class RadZTrainer(Trainer):
 
     Extra arguments: `anchor_bank` (an `AnchorBank` over the training label names, for L_CG; None trains L_CA
     only), and for `evaluate`, `eval_label_names`.
-    Logs `loss_alignment`, `loss_category`, `temperature` (1/scale) and `retrieval_top1` (image→text top-1 on the
-    global batch) next to `loss`.
+    Logs `loss_alignment`, `loss_category` (with its image-side and text-side terms `loss_category_image` and
+    `loss_category_text`), `temperature` (1/scale) and `retrieval_top1` (image→text top-1 on the global batch) next
+    to `loss`.
     """
 
     # compute_loss returns a per-batch mean, so the Trainer must divide it by the accumulation steps.
@@ -231,24 +232,28 @@ class RadZTrainer(Trainer):
             scale, alignment = outputs.logit_scale, radz.config.alignment
             loss_alignment = alignment_loss(image, text, image_local, text_local, scale, alignment)
             logits = alignment_logits(image, text, image_local, text_local, scale, alignment)
-            loss, loss_category = loss_alignment, None
+            loss, category = loss_alignment, None
             if with_category:
-                loss_category = radz.category_loss(image, text, outputs.anchor_embeds, rest[0])
-                loss = lam * loss_alignment + (1.0 - lam) * loss_category
+                category = radz.category_losses(image, text, outputs.anchor_embeds, rest[0])
+                loss = lam * loss_alignment + (1.0 - lam) * sum(category) / 2.0
         else:
-            loss, loss_alignment, loss_category = outputs.loss, outputs.loss_alignment, outputs.loss_category
+            loss, loss_alignment = outputs.loss, outputs.loss_alignment
+            category = None if outputs.loss_category is None else (outputs.loss_category_image, outputs.loss_category_text)
             logits = outputs.logits_per_image
 
         if model.training:
-            self._record_metrics(loss_alignment, loss_category, outputs.logit_scale, logits)
+            self._record_metrics(loss_alignment, category, outputs.logit_scale, logits)
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _record_metrics(self, loss_alignment, loss_category, scale, logits):
+    def _record_metrics(self, loss_alignment, category, scale, logits):
+        """`category`: the image-side and text-side L_CG terms, or None without L_CG."""
         sums = self._metric_sums
         sums["loss_alignment"] += float(loss_alignment)
-        if loss_category is not None:
-            sums["loss_category"] += float(loss_category)
+        if category is not None:
+            sums["loss_category"] += float(sum(category)) / 2.0
+            sums["loss_category_image"] += float(category[0])
+            sums["loss_category_text"] += float(category[1])
         sums["temperature"] += 1.0 / float(scale)
         targets = torch.arange(len(logits), device=logits.device)
         sums["retrieval_top1"] += float((logits.argmax(dim=1) == targets).float().mean())
