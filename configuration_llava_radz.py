@@ -15,6 +15,7 @@ except ImportError:
 ALIGNMENT_MODES = ("global", "cross")
 POOLING_MODES = ("mean", "last", "concat")
 CATEGORY_LOSSES = ("softmax", "sigmoid")
+ANCHOR_HEADS = ("separate", "shared")
 
 
 class LlavaRadZConfig(LlavaConfig):
@@ -39,11 +40,16 @@ class LlavaRadZConfig(LlavaConfig):
             Initial InfoNCE temperature τ; the model keeps `logit_scale = log(1/τ)`.
         learnable_temperature (`bool`, defaults to `True`):
             Train `logit_scale` (clamped at 100, as CLIP) or keep it fixed.
-        alignment (`str`, defaults to `"cross"`):
+        alignment (`str`, defaults to `"global"`):
             `"global"`: image-global ↔ text-global InfoNCE. `"cross"`: the paper's cross-level alignment,
-            the mean of image-global ↔ text-local and image-local ↔ text-global.
+            the mean of image-global ↔ text-local and image-local ↔ text-global. Global is the default because
+            anchors and label prompts are scored in the global space that it trains (docs/learning.md).
         dkam_lambda (`float`, defaults to 0.5):
             λ in `λ·L_CA + (1−λ)·L_CG` (alignment loss vs DKAM category loss).
+        anchor_head (`str`, defaults to `"shared"`):
+            What maps a category's pooled description states to its anchor: `"separate"`, an MLP of its own (the
+            paper's); `"shared"`, the text-global head that reports go through, so that the anchor of a category no
+            training label names still lies where reports describing it lie (docs/learning.md).
         category_loss (`str`, defaults to `"softmax"`):
             Form of L_CG: `"softmax"` over categories with the sample's positives as soft targets, or
             `"sigmoid"`, an independent binary loss per category (see `category_loss` in the modeling file).
@@ -51,6 +57,10 @@ class LlavaRadZConfig(LlavaConfig):
             Prompt of the image pass; `{image}` marks where the image tokens go. The `<ImgCls_*>` tokens follow it.
         text_prompt_template (`str`):
             Prompt of the text pass; `{text}` marks the report or label text. The `<TxtCls_*>` tokens follow it.
+        label_template (`str`, defaults to `"IMPRESSION: {}."`):
+            How the zero-shot classifier writes a label without an anchor (`{}` is the label), unless the caller
+            gives templates. In the reports' own style: a bare name such as "Pleural Effusion" is closest to the
+            reports that say "no pleural effusion", and scores inverted (docs/learning.md).
         image_cls_token_format / text_cls_token_format (`str`):
             Token strings, formatted with the token's index.
         image_cls_token_ids / text_cls_token_ids (`list[int]`):
@@ -66,11 +76,13 @@ class LlavaRadZConfig(LlavaConfig):
     head_hidden_dim: int | None = None
     contrastive_temperature: float = 0.07
     learnable_temperature: bool = True
-    alignment: str = "cross"
+    alignment: str = "global"
     dkam_lambda: float = 0.5
+    anchor_head: str = "shared"
     category_loss: str = "softmax"
     image_prompt_template: str = "{image}\nDescribe the findings of this chest radiograph."
     text_prompt_template: str = "Radiology report: {text}"
+    label_template: str = "IMPRESSION: {}."
     image_cls_token_format: str = "<ImgCls_{}>"
     text_cls_token_format: str = "<TxtCls_{}>"
     image_cls_token_ids: list[int] | None = None
@@ -82,7 +94,12 @@ class LlavaRadZConfig(LlavaConfig):
 
     def validate_radz(self):
         """Raise a `ValueError` naming the field for any inconsistent LLaVA-RadZ setting."""
-        choices = {"alignment": ALIGNMENT_MODES, "pooling": POOLING_MODES, "category_loss": CATEGORY_LOSSES}
+        choices = {
+            "alignment": ALIGNMENT_MODES,
+            "pooling": POOLING_MODES,
+            "category_loss": CATEGORY_LOSSES,
+            "anchor_head": ANCHOR_HEADS,
+        }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"LlavaRadZConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
@@ -100,6 +117,8 @@ class LlavaRadZConfig(LlavaConfig):
         for field, placeholder in (("image_prompt_template", "{image}"), ("text_prompt_template", "{text}")):
             if getattr(self, field).count(placeholder) != 1:
                 raise ValueError(f"LlavaRadZConfig.{field} must contain {placeholder} exactly once")
+        if self.label_template.count("{}") != 1:
+            raise ValueError(f"LlavaRadZConfig.label_template={self.label_template!r} must contain '{{}}' exactly once")
         for field in ("image_cls_token_ids", "text_cls_token_ids"):
             ids = getattr(self, field)
             if ids is not None and len(ids) != self.num_cls_tokens:

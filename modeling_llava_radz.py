@@ -240,7 +240,9 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         self.text_global_head = LlavaRadZHead(pooled, head_hidden, config.projection_dim)
         self.image_local_head = LlavaRadZHead(hidden, head_hidden, config.projection_dim)
         self.text_local_head = LlavaRadZHead(hidden, head_hidden, config.projection_dim)
-        self.anchor_head = LlavaRadZHead(pooled, head_hidden, config.projection_dim)
+        self.anchor_head = (
+            LlavaRadZHead(pooled, head_hidden, config.projection_dim) if config.anchor_head == "separate" else None
+        )
         self.logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )
@@ -336,7 +338,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         if text_inputs is not None:
             pooled, local = self._read_states("text", text_inputs["input_ids"], text_inputs.get("attention_mask"))
             self.text_global_head.set_input_statistics(pooled)
-            self.anchor_head.set_input_statistics(pooled)
+            if self.anchor_head is not None:
+                self.anchor_head.set_input_statistics(pooled)
             self.text_local_head.set_input_statistics(local)
 
     def get_image_features(self, pixel_values, image_input_ids, image_attention_mask=None, **unused):
@@ -361,7 +364,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         """DKAM anchors `[num_categories, projection_dim]` (L2-normalised).
 
         Each description runs through the text pass; its pooled special-token states are averaged per category
-        (`anchor_category_ids` says which category each description belongs to) and the anchor head maps the
+        (`anchor_category_ids` says which category each description belongs to) and the anchor head (the text-global head with `anchor_head="shared"`) maps the
         mean to the anchor. Call it inside the training step to re-encode anchors as the LoRA weights change,
         or once under `torch.no_grad()` and pass the result as `anchor_embeds` for inference.
         """
@@ -373,7 +376,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         if bool((counts == 0).any()):
             missing = (counts == 0).nonzero().flatten().tolist()
             raise ValueError(f"get_anchor_features: categories {missing} have no descriptions")
-        return F.normalize(self.anchor_head(sums / counts.unsqueeze(1)), dim=-1)
+        head = self.text_global_head if self.anchor_head is None else self.anchor_head
+        return F.normalize(head(sums / counts.unsqueeze(1)), dim=-1)
 
     def scale(self) -> torch.Tensor:
         """`exp(logit_scale)`, clamped at 100 as in CLIP."""

@@ -99,8 +99,8 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
 
     Call options (also accepted by `pipeline(...)` as defaults):
         candidate_labels (`list[str]`): the labels; no empty or duplicate ones.
-        hypothesis_template (`str`, *optional*): one prompt template with `{}` for the label (default: the bare label;
-            the processor's text prompt wraps it).
+        hypothesis_template (`str`, *optional*): one prompt template with `{}` for the label (default: the model's
+            `config.label_template`, "IMPRESSION: {}."; the processor's text prompt wraps it).
         templates (`list[str]`, *optional*): a prompt ensemble; a label's embedding is the normalised mean over them.
         multi_label (`bool`, defaults to False): score each label independently as
             `softmax([s(label prompt), s(negative prompt)])[0]`, in [0, 1]; otherwise softmax over the labels.
@@ -158,7 +158,8 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 raise ValueError("templates must be a non-empty list of strings with '{}'")
             templates = tuple(_check_template(t, "template") for t in options["templates"])
         else:
-            templates = (_check_template(options["hypothesis_template"] or "{}", "hypothesis_template"),)
+            template = options["hypothesis_template"] or self.model.config.label_template
+            templates = (_check_template(template, "hypothesis_template"),)
         options["templates"] = templates
         _check_template(options["negative_template"], "negative_template")
         if options["use_knowledge"] not in KNOWLEDGE_MODES:
@@ -300,14 +301,15 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
     def label_embeddings(
         self,
         candidate_labels,
-        templates=("{}",),
+        templates=None,
         multi_label=False,
         use_knowledge=True,
         negative_template="no {}",
         batch_size=8,
     ) -> ZeroShotClassifier:
         """The (cached) `build_zero_shot_classifier` of a label set; see `ZeroShotClassifier`."""
-        labels, templates = tuple(candidate_labels), tuple(templates)
+        labels = tuple(candidate_labels)
+        templates = (self.model.config.label_template,) if templates is None else tuple(templates)
         if use_knowledge == "generate":
             self._generate_missing_knowledge(labels)
         categories = label_categories(self.processor, labels, use_knowledge)

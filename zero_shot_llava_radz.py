@@ -83,7 +83,7 @@ def build_zero_shot_classifier(
     model,
     processor,
     labels,
-    templates=("{}",),
+    templates=None,
     multi_label: bool = False,
     use_knowledge: bool = True,
     negative_template: str = "no {}",
@@ -95,14 +95,15 @@ def build_zero_shot_classifier(
         processor: the model's `LlavaRadZProcessor`; its knowledge base gives the anchors.
         labels: the label names, plain text.
         templates: prompt templates with `{}` for the label; a label's prompt embeddings are the normalised mean over
-            them (the processor's text prompt wraps each).
+            them (the processor's text prompt wraps each). None: `model.config.label_template`.
         multi_label: also embed each label's negation, `negative_template` inside every template.
         use_knowledge: anchor the labels that `processor.match_category` finds; otherwise every label is a prompt.
         batch_size: prompts per text pass.
     Raises a `ValueError` naming the label or template that holds one of the tokenizer's special tokens: user text
     never becomes `<TxtCls_*>`, `<image>`, `</s>`...
     """
-    labels, templates = tuple(labels), tuple(templates)
+    labels = tuple(labels)
+    templates = (model.config.label_template,) if templates is None else tuple(templates)
     _check_plain_text(processor, labels, templates + ((negative_template,) if multi_label else ()))
     categories = label_categories(processor, labels, use_knowledge)
     device = model.device

@@ -59,17 +59,14 @@ RUNS = {
         {}, {"tower_pretraining_steps": 0, "train_vision_tower": False}, "no tower stage, tower frozen (random)"
     ),
     "tower_frozen_after_pretraining": ({}, {"train_vision_tower": False}, "tower stage, then tower frozen"),
-    "alignment_global": ({"alignment": "global"}, {}, "alignment global (ref. cross)"),
+    "alignment_cross": ({"alignment": "cross"}, {}, "alignment cross, the paper's (ref. global)"),
+    "anchor_head_separate": ({"anchor_head": "separate"}, {}, "a separate anchor MLP, the paper's (ref. shared)"),
+    "label_template_bare": ({"label_template": "{}"}, {}, "labels without anchors as bare names (ref. IMPRESSION: {}.)"),
     "lambda_1": ({"dkam_lambda": 1.0}, {}, "dkam_lambda 1: L_CA only, no L_CG (ref. 0.5)"),
     "cls_tokens_1": ({"num_cls_tokens": 1}, {}, "1 special token per modality (ref. 8; tiny 4)"),
-    "cls_tokens_16": ({"num_cls_tokens": 16}, {}, "16 special tokens per modality (ref. 8; tiny 4)"),
     "llm_layers_4": ({"num_llm_layers": 4}, {}, "4 LLM layers (ref. --llm_layers)"),
     "feature_layer_last": ({"feature_layer": -1}, {}, "LLM feature_layer -1, the last (ref. -2)"),
     "vit_tower": ({"vision": "vit"}, {}, "CLIP-ViT from scratch instead of the conv tower"),
-    "vit_no_tower_pretraining": (
-        {"vision": "vit"}, {"tower_pretraining_steps": 0, "vision_learning_rate": 1e-3},
-        "CLIP-ViT, no tower stage, tower lr 1e-3",
-    ),
     "supervised_tower": (
         {}, {},
         f"SUPERVISED bound: tower+projector, mean image token, BCE head on all 8 labels, lr {SUPERVISED_TOWER_LR:g}",

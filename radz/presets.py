@@ -221,3 +221,29 @@ def build_from_preset(name_or_path: str, **overrides):
     if preset not in PRESETS:
         raise ValueError(f"{path}: needs a 'preset' key, one of {sorted(PRESETS)}; got {preset!r}")
     return PRESETS[preset](**{**settings, **overrides})
+
+
+# The training recipe of the embedded default (`make demo`), as `train_radz.py` flags; benchmarks/diagnose_learning.py
+# ablates it. First a label-free stage for the tower trained from scratch (image–report contrastive, no LLM), then
+# DFAT + DKAM with the tower at a lower learning rate. docs/learning.md has the diagnosis behind each value.
+DEMO_TRAINING = {
+    "tower_pretraining_steps": 400,
+    "tower_pretraining_batch_size": 32,
+    "tower_pretraining_learning_rate": 1e-3,
+    "max_steps": 150,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 2e-4,
+    "vision_learning_rate": 3e-4,
+    "train_vision_tower": True,
+    "lora_r": 16,
+    "warmup_steps": 10,
+    "lr_scheduler_type": "cosine",
+}
+# Phantom categories that no training label names (L_CG never sees them); the reports still describe them, and the
+# demo scores them zero-shot against anchors from their descriptions.
+DEMO_HELD_OUT = ("Pneumothorax", "Edema")
+
+
+def training_flags(recipe: dict) -> list[str]:
+    """`{"max_steps": 150, ...}` → `["--max_steps", "150", ...]`."""
+    return [item for key, value in recipe.items() for item in (f"--{key}", str(value))]

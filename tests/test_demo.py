@@ -17,7 +17,8 @@ def test_demo_flow_runs_end_to_end_with_a_tiny_model(tmp_path, capsys):
     demo.main(
         [
             "--output_dir", str(out), "--preset", "tiny", "--knowledge_model", "none",
-            "--n_train", "48", "--n_test", "24", "--image_size", "64", "--max_steps", "4", "--batch_size", "8",
+            "--n_train", "48", "--n_test", "24", "--image_size", "64", "--max_steps", "4", "--tower_steps", "3",
+            "--batch_size", "8",
         ]
     )
     printed = capsys.readouterr().out
@@ -25,16 +26,26 @@ def test_demo_flow_runs_end_to_end_with_a_tiny_model(tmp_path, capsys):
     assert len((out / "data" / "train.jsonl").read_text().splitlines()) == 48
     assert json.loads((out / "knowledge.json").read_text()).keys() == set(demo.PHANTOM_LABELS)
     assert (out / "model" / "config.json").exists() and (out / "model" / "pipeline_llava_radz.py").exists()
-    for name in ("with_anchors", "without_anchors"):
+    for name in demo.EVALUATIONS:
         assert (out / f"eval_{name}" / "predictions.parquet").exists()
         assert (out / f"eval_{name}" / "roc_curves.png").exists()
+    assert json.loads((out / "model" / "tower_pretraining.json").read_text())[-1]["step"] == 3
+    assert json.loads((out / "model" / "trainer_state.json").read_text())["global_step"] == 4
+    # The held-out categories are in no training label.
+    trained = re.search(r"--label_columns '([^']+)'", printed).group(1).split(",")
+    assert trained == demo.SEEN and not set(trained) & set(demo.DEMO_HELD_OUT)
 
     report = (out / "report.md").read_text()
     assert "SYNTHETIC" in report
-    rows = re.findall(r"^\| (\*\*macro\*\*|[A-Z][\w ]+) \| ([\d.*]+|nan) \| ([\d.*]+|nan) \|$", report, re.M)
-    assert [row[0] for row in rows] == demo.PHANTOM_LABELS + ["**macro**"]
+    number = r"([\d.]+|nan)"
+    rows = re.findall(rf"^\| ([A-Z][\w ]+) \| (yes|HELD OUT) \| {number} \| {number} \| {number} \|$", report, re.M)
+    assert [row[0] for row in rows] == demo.PHANTOM_LABELS
+    assert {row[0] for row in rows if row[1] == "HELD OUT"} == set(demo.DEMO_HELD_OUT)
+    summaries = re.findall(r"^\| \*\*macro, (all|seen|held out)\*\* \| \| ", report, re.M)
+    assert summaries == ["all", "seen", "held out"]
     # The knowledge anchors change the scores: the two columns are not the same evaluation.
-    assert [row[1] for row in rows] != [row[2] for row in rows]
+    assert [row[2] for row in rows] != [row[3] for row in rows]
+    assert re.search(r"DFAT: 4 steps in [\d.]+ min \([\d.]+ s/step\)", report)
 
     # RG1_UNCR.dcm went through pipeline(...) twice, with a score per label and the anchors marked.
     assert printed.count("RG1_UNCR.dcm,") == 2

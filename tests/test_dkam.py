@@ -32,23 +32,32 @@ def test_anchor_features_have_one_normalised_row_per_category(tiny_model):
     torch.testing.assert_close(reordered, embeds.flip(0))
 
 
-def test_anchor_is_the_head_of_the_mean_description_state(tiny_model):
-    model, processor = tiny_model
+@pytest.mark.parametrize("anchor_head", ["shared", "separate"])
+def test_anchor_is_the_head_of_the_mean_description_state(anchor_head):
+    torch.manual_seed(0)
+    model, processor = tiny(anchor_head=anchor_head)
+    processor.set_knowledge(TINY_KNOWLEDGE)
+    head = model.text_global_head if anchor_head == "shared" else model.anchor_head
+    assert (model.anchor_head is None) == (anchor_head == "shared")
     anchors = processor.encode_anchors(["Cardiomegaly"])
     with torch.no_grad():
         pooled = model.get_text_features(
             anchors["anchor_input_ids"], anchors["anchor_attention_mask"]
         ).pooled_cls_states
-        expected = torch.nn.functional.normalize(model.anchor_head(pooled.mean(dim=0, keepdim=True)), dim=-1)
+        expected = torch.nn.functional.normalize(head(pooled.mean(dim=0, keepdim=True)), dim=-1)
         torch.testing.assert_close(model.get_anchor_features(**anchors), expected)
 
 
-def test_gradients_reach_the_anchor_head_and_the_special_token_rows(tiny_model):
-    model, processor = tiny_model
+@pytest.mark.parametrize("anchor_head", ["shared", "separate"])
+def test_gradients_reach_the_anchor_head_and_the_special_token_rows(anchor_head):
+    torch.manual_seed(0)
+    model, processor = tiny(anchor_head=anchor_head)
+    processor.set_knowledge(TINY_KNOWLEDGE)
     inputs = processor(images=images(4), text=REPORTS)
     out = model(**inputs, **processor.encode_anchors(CATEGORIES), labels=LABELS, return_loss=True)
     out.loss.backward()
-    assert model.anchor_head.fc2.weight.grad.abs().sum() > 0
+    head = model.text_global_head if anchor_head == "shared" else model.anchor_head
+    assert head.fc2.weight.grad.abs().sum() > 0
     embedding_grad = model.get_input_embeddings().weight.grad
     for token_id in model.config.text_cls_token_ids + model.config.image_cls_token_ids:
         assert embedding_grad[token_id].abs().sum() > 0, token_id

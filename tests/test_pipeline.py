@@ -40,11 +40,13 @@ def count_calls(monkeypatch, model, name: str) -> dict:
     return counts
 
 
-def reference_logits(model, processor, image, texts) -> torch.Tensor:
-    """Scaled similarities of one image with plain text prompts, straight from the model."""
+def reference_logits(model, processor, image, texts, template=None) -> torch.Tensor:
+    """Scaled similarities of one image with the label prompts of `texts` (in `template`, by default the model's
+    `config.label_template`), straight from the model."""
+    template = template or model.config.label_template
     with torch.inference_mode():
         img = model.get_image_features(**processor(images=[image]))
-        txt = model.get_text_features(**processor(text=texts))
+        txt = model.get_text_features(**processor(text=[template.format(t) for t in texts]))
         return alignment_logits(
             img.embeds, txt.embeds, img.local_embeds, txt.local_embeds, model.scale(), model.config.alignment
         )[0]
@@ -198,7 +200,8 @@ def test_knowledge_changes_the_embeddings_of_known_labels_only(clf):
     with torch.inference_mode():
         anchors = clf.model.get_anchor_features(**clf.processor.encode_anchors(["Cardiomegaly"]))
         image = clf.model.get_image_features(**clf.processor(images=[make_image(7)]))
-        prompts = clf.model.get_text_features(**clf.processor(text=LABELS[2:]))
+        label_template = clf.model.config.label_template
+        prompts = clf.model.get_text_features(**clf.processor(text=[label_template.format(t) for t in LABELS[2:]]))
         logits = torch.cat(
         [
                 clf.model.scale() * image.embeds @ on.embeds[:2].t(),

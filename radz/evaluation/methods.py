@@ -25,7 +25,7 @@ class RadZScorer(Scorer):
     """LLaVA-RadZ zero-shot scores through `pipeline("zero-shot-image-classification", model=dir, ...)`.
 
     `multi_label`: each label against "no {label}" (a probability per label); otherwise a softmax over the labels.
-    `template` is the pipeline's `hypothesis_template` (None: the bare label).
+    `template` is the pipeline's `hypothesis_template` (None: the model's `config.label_template`).
     """
 
     name = "radz"

@@ -36,7 +36,8 @@ def _set_outside_llm_trainable(model, train_vision_tower: bool):
     inner.multi_modal_projector.requires_grad_(True)
     inner.vision_tower.requires_grad_(train_vision_tower)
     for name in HEAD_MODULES:
-        getattr(model, name).requires_grad_(True)
+        if getattr(model, name) is not None:  # anchor_head="shared" has no anchor head of its own
+            getattr(model, name).requires_grad_(True)
     model.logit_scale.requires_grad_(model.config.learnable_temperature)
     if model.category_bias is not None:
         model.category_bias.requires_grad_(True)

@@ -70,7 +70,8 @@ def pretrain_vision_tower(
     """Train `model`'s vision tower and projector on `dataset`'s image–report pairs for `steps` steps; in place.
 
     `dataset` rows need `image` and `report`. Unreadable images and empty reports are skipped and counted. Returns
-    the learning curve: `{"step", "loss", "retrieval_top1"}` averaged over every `log_every` steps.
+    the learning curve: `{"step", "loss", "retrieval_top1"}` averaged over every `log_every` steps, with the
+    `seconds` elapsed.
     """
     if steps <= 0:
         return []
@@ -128,9 +129,10 @@ def pretrain_vision_tower(
         sums["retrieval_top1"] += float((logits.argmax(dim=1) == torch.arange(len(logits))).float().mean())
         if step % log_every == 0 or step == steps:
             count = step - (curve[-1]["step"] if curve else 0)
-            curve.append({"step": step, **{k: round(v / count, 4) for k, v in sums.items()}})
+            means = {k: round(v / count, 4) for k, v in sums.items()}
+            curve.append({"step": step, **means, "seconds": round(time.time() - started, 1)})
             sums = dict.fromkeys(sums, 0.0)
-            logger.info("tower pretraining %s (%.0f s)", curve[-1], time.time() - started)
+            logger.info("tower pretraining %s", curve[-1])
     for p in parameters:
         p.requires_grad_(states[id(p)])
     model.train(was_training)
