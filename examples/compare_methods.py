@@ -23,6 +23,7 @@ import evaluate_radz  # noqa: E402
 from radz.evaluation.harness import read_metrics, summary_auc  # noqa: E402
 from radz.evaluation.methods import METHODS  # noqa: E402
 from radz.phantom import write_phantom_dataset  # noqa: E402
+from radz.presets import DEMO_TRAINING  # noqa: E402
 
 BANNER = "SYNTHETIC phantom data (procedurally generated radiographs, not patients): no clinical evidence."
 
@@ -47,7 +48,7 @@ def method_arguments(args, method: str) -> list[str]:
     if method in ("vision_probe", "sft") and args.balance_classes:
         argv += ["--balance_classes"]
     if method == "sft":
-        argv += ["--sft_steps", str(args.sft_steps)]
+        argv += ["--sft_steps", str(args.sft_steps), "--sft_batch_size", str(args.sft_batch_size)]
         if args.sft_max_samples:
             argv += ["--sft_max_samples", str(args.sft_max_samples)]
     return argv
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--shots", type=int, help="vision_probe/sft label budget per class")
     parser.add_argument("--balance_classes", action="store_true")
-    parser.add_argument("--sft_steps", type=int, default=50)
+    # The same budget as the demo's DFAT stage: as many steps of as many samples.
+    parser.add_argument("--sft_steps", type=int, default=DEMO_TRAINING["max_steps"])
+    parser.add_argument("--sft_batch_size", type=int, default=DEMO_TRAINING["per_device_train_batch_size"])
     parser.add_argument("--sft_max_samples", type=int)
     parser.add_argument("--seed", type=int, default=0)
     generation = parser.add_argument_group("phantom generation (when --data_dir is empty)")

@@ -397,7 +397,7 @@ def test_compare_methods_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys)
     spec.loader.exec_module(compare)
     data_dir = tmp_path / "phantom"  # absent: the example writes a small synthetic set first
     rows = compare.main(["--model", str(tiny_checkpoint), "--data_dir", str(data_dir), "--output_dir",
-                         str(tmp_path / "out"), "--limit", "4", "--labels", "No Finding", "--sft_steps", "1",
+                         str(tmp_path / "out"), "--limit", "4", "--labels", "No Finding", "--sft_steps", "1", "--sft_batch_size", "2",
                          "--n_train", "6", "--n_validation", "4", "--n_test", "4", "--size", "64"])
     assert (data_dir / "test.jsonl").is_file() and json.loads((data_dir / "label_names.json").read_text()) == \
         PHANTOM_LABELS
