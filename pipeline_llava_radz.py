@@ -9,6 +9,7 @@ This file is remote code: every checkpoint written by `LlavaRadZForZeroShotClass
 and declares it in `config.custom_pipelines`. It depends only on torch, transformers, numpy, PIL (DESIGN.md §2).
 """
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,9 +22,11 @@ from transformers.utils import logging
 
 try:
     from .processing_llava_radz import RadiographError, load_radiograph, normalize_label
+    from .radiograph_llava_radz import is_study, study_files
     from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 except ImportError:
     from processing_llava_radz import RadiographError, load_radiograph, normalize_label
+    from radiograph_llava_radz import is_study, study_files
     from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 
 
@@ -38,6 +41,7 @@ OPTIONS = (
     "use_knowledge",
     "negative_template",
     "batch_size",
+    "window_index",
 )
 DEFAULT_OPTIONS = {
     "candidate_labels": None,
@@ -47,6 +51,7 @@ DEFAULT_OPTIONS = {
     "use_knowledge": True,
     "negative_template": "no {}",
     "batch_size": 8,
+    "window_index": 0,
 }
 KNOWLEDGE_MODES = (True, False, "generate")
 # use_knowledge="generate": the prompt asking the model's LLM to describe a label it has no knowledge of.
@@ -55,6 +60,9 @@ DESCRIPTION_PROMPT = (
     "in at most three short sentences."
 )
 MAX_GENERATED_DESCRIPTIONS = 3
+# DICOM Modality values of projection radiographs (and of the secondary captures radiographs are often exported as).
+RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG", "SC", "OT")
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
 
 
 def parse_descriptions(text: str) -> list[str]:
@@ -65,6 +73,20 @@ def parse_descriptions(text: str) -> list[str]:
         if re.search(r"[A-Za-z]{2}", piece):
             sentences.append(piece)
     return sentences[:MAX_GENERATED_DESCRIPTIONS]
+
+
+def chest_view_problems(facts: dict) -> list[str]:
+    """Why a DICOM (`radiograph_llava_radz.dicom_facts`) may not suit a chest radiograph classifier: a lateral
+    view, a body part other than chest, a modality other than a radiograph's. Absent facts raise nothing."""
+    problems = []
+    view, body_part, modality = facts.get("view"), facts.get("body_part"), facts.get("modality")
+    if view and (view in ("LL", "RL", "LAT") or "LATERAL" in view):
+        problems.append(f"ViewPosition {view} is a lateral view; the classifier expects frontal (PA or AP) views")
+    if body_part and not set(re.split(r"[^A-Z]+", body_part)) & set(CHEST_BODY_PARTS):
+        problems.append(f"BodyPartExamined is {body_part}, not chest")
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        problems.append(f"Modality is {modality}, not a radiograph (CR or DX)")
+    return problems
 
 
 def _check_template(template, option: str) -> str:
@@ -109,10 +131,14 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             for the pipeline's lifetime) and adds them to `processor.knowledge`.
         negative_template (`str`, defaults to `"no {}"`): the negation used by `multi_label`, inside every template.
         batch_size (`int`, defaults to 8): images (and prompts) per forward pass.
+        window_index (`int`, defaults to 0): which of a DICOM's VOI LUTs or windows renders it.
 
     Each result dict also says `"anchor"`: whether the label was scored against a knowledge anchor. Label
     embeddings are cached per (labels, templates, knowledge, multi_label): clear `label_cache` after changing
-    the model's weights.
+    the model's weights. A study (a folder of DICOM files or a DICOMDIR) is one input: its result is a list of
+    `{"file", "view", "results"}`, one per image (`radiograph_llava_radz.study_files`). A DICOM whose
+    ViewPosition, BodyPartExamined or Modality does not fit a chest radiograph is scored with a warning
+    (`chest_view_problems`); so is a label whose prompt is longer than the processor's `max_text_tokens`.
     """
 
     _load_processor = True
@@ -166,9 +192,11 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             raise ValueError(f"use_knowledge={options['use_knowledge']!r}; expected True, False or 'generate'")
         if not isinstance(options["multi_label"], bool):
             raise TypeError(f"multi_label must be True or False, got {options['multi_label']!r}")
-        batch_size = options["batch_size"]
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        for option, smallest in (("batch_size", 1), ("window_index", 0)):
+            value = options[option]
+            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+                kind = "a positive" if smallest else "a non-negative"
+                raise ValueError(f"{option} must be {kind} integer, got {value!r}")
         return options
 
     @staticmethod
@@ -199,19 +227,34 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
     # -- the call ----------------------------------------------------------------------------------------------
     def __call__(self, images, **kwargs):
         """Classify one image (→ a list of `{"score", "label", "anchor"}` sorted by score) or a list of images (→ a
-        list of such lists). Images: PIL, numpy arrays, paths to PNG/JPEG/DICOM files, pydicom datasets."""
+        list of such lists). Images: PIL, numpy arrays, paths to PNG/JPEG/DICOM files, pydicom datasets; a study
+        (a path to a folder of DICOM files or to a DICOMDIR) → a list of `{"file", "view", "results"}`."""
         options = self._options(kwargs)
         single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        if not items:
+        inputs = [images] if single else list(images)
+        if not inputs:
             return []
+        # A study stands for its image files; `owners` says which input each image comes from.
+        studies, flat, owners = {}, [], []
+        for index, item in enumerate(inputs):
+            if is_study(item):
+                try:
+                    studies[index] = study_files(item)
+                except RadiographError as error:
+                    if single:
+                        raise
+                    raise RadiographError(f"item {index} of the batch: {error}") from error
+            files = studies.get(index, [item])
+            flat += files
+            owners += [None if single else index] * len(files)
         batch_size = options["batch_size"]
         # Every image is read and preprocessed before the model runs, so a bad item fails fast.
+        window_index = options["window_index"]
         batches = [
-            self.preprocess(items[start : start + batch_size], offset=None if single else start)
-            for start in range(0, len(items), batch_size)
+            self.preprocess(flat[start : start + batch_size], owners[start : start + batch_size], window_index)
+            for start in range(0, len(flat), batch_size)
         ]
-        results = []
+        scored = []
         with torch.inference_mode():
             classifier = self.label_embeddings(
                 options["candidate_labels"],
@@ -222,29 +265,48 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 batch_size=batch_size,
             )
             for batch in batches:
-                results += self.postprocess(self._forward(batch, classifier), classifier)
+                scored += self.postprocess(self._forward(batch, classifier), classifier)
+        views = [facts.get("view") for batch in batches for facts in batch["dicom"]]
+        results, position = [], 0
+        for index in range(len(inputs)):
+            if index in studies:
+                files = studies[index]
+                entries = zip(files, views[position:], scored[position:])
+                results.append([{"file": str(f), "view": view, "results": r} for f, view, r in entries])
+                position += len(files)
+            else:
+                results.append(scored[position])
+                position += 1
         return results[0] if single else results
 
-    def preprocess(self, images, offset=None) -> BatchFeature:
+    def preprocess(self, images, items=None, window_index: int = 0) -> BatchFeature:
         """Read a batch of images (`load_radiograph`) and build the image-pass inputs.
 
-        `offset`: the batch's position in the caller's list, so that errors name the item; None for a single image.
-        Images are read on `torch.get_num_threads()` threads: decoding and resizing release the GIL.
+        `items`: per image, its position in the caller's list (a study's files share it), so that errors name the
+        item; None (or a None entry) for a single input. `window_index`: see `load_radiograph`. The result's
+        `"dicom"` holds each image's `dicom_facts` (empty for non-DICOM input); the DICOM facts that do not fit a
+        chest radiograph are logged as warnings. Images are read on `torch.get_num_threads()` threads: decoding
+        and resizing release the GIL.
         """
         resize = self._resize_settings()
+        items = [None] * len(images) if items is None else items
 
-        def read(index, image):
-            if offset is None:
-                loaded = load_radiograph(image)
-            else:
-                try:
-                    loaded = load_radiograph(image, name=f"image {offset + index}")
-                except (RadiographError, TypeError) as error:
-                    raise type(error)(f"item {offset + index} of the batch: {error}") from error
-            return loaded if resize is None else _resize_and_crop(loaded, *resize)
+        def read(item, image):
+            name = "image" if item is None else f"image {item}"
+            try:
+                loaded = load_radiograph(image, name=name, window_index=window_index)
+            except (RadiographError, TypeError) as error:
+                if item is None:
+                    raise
+                raise type(error)(f"item {item} of the batch: {error}") from error
+            facts = loaded.info.get("dicom", {})
+            for problem in chest_view_problems(facts):
+                where = str(image) if isinstance(image, (str, os.PathLike)) else getattr(image, "filename", "") or name
+                logger.warning(f"{where}: {problem}")
+            return (loaded if resize is None else _resize_and_crop(loaded, *resize)), facts
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(images), torch.get_num_threads()))) as pool:
-            read_images = list(pool.map(read, range(len(images)), images))  # raises the first bad item's error
+            read_images, facts = zip(*pool.map(read, items, images))  # raises the first bad item's error
         if resize is None:
             pixel_values = self.image_processor(read_images, return_tensors="pt")["pixel_values"]
         else:
@@ -255,6 +317,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 "pixel_values": pixel_values,
                 "image_input_ids": image_ids,
                 "image_attention_mask": torch.ones_like(image_ids),
+                "dicom": list(facts),
             }
         )
 
@@ -286,7 +349,9 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
 
     def _forward(self, model_inputs, classifier: ZeroShotClassifier) -> torch.Tensor:
         """Scores `[batch, K]` of one image batch: `classifier.probabilities` (softmax or per-label)."""
-        return classifier.probabilities(self.model.get_image_features(**model_inputs.to(self.device)))
+        keys = ("pixel_values", "image_input_ids", "image_attention_mask")
+        features = self.model.get_image_features(**{key: model_inputs[key].to(self.device) for key in keys})
+        return classifier.probabilities(features)
 
     def postprocess(self, model_outputs, classifier: ZeroShotClassifier) -> list[list[dict]]:
         anchored = classifier.anchored.tolist()
@@ -319,6 +384,8 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         )
         key = (labels, templates, multi_label, negative_template if multi_label else None, knowledge)
         if key not in self.label_cache:
+            prompted = [label for label, category in zip(labels, categories) if category is None]
+            self._warn_long_labels(prompted, templates, negative_template if multi_label else None)
             self.label_cache[key] = build_zero_shot_classifier(
                 self.model,
                 self.processor,
@@ -330,6 +397,20 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 batch_size=batch_size,
             )
         return self.label_cache[key]
+
+    def _warn_long_labels(self, labels, templates, negative_template):
+        """Warn about each prompted label whose prompt (any template, and its negation) is longer than the
+        processor's `max_text_tokens`: the text pass truncates it there."""
+        limit = self.processor.max_text_tokens
+        for label in labels:
+            texts = [label] + ([negative_template.format(label)] if negative_template else [])
+            length = max(len(self.processor.plain_text_ids(t.format(text))) for t in templates for text in texts)
+            if length > limit:
+                shown = repr(label) if len(label) <= 60 else f"{label[:60]!r}… ({len(label)} characters)"
+                logger.warning(
+                    f"candidate label {shown}: its prompt is {length} tokens, truncated at the processor's "
+                    f"max_text_tokens={limit}"
+                )
 
     def save_pretrained(self, save_directory, **kwargs):
         """Save the model, this code and the processor with its knowledge: transformers' `Pipeline.save_pretrained`
@@ -381,4 +462,4 @@ PIPELINE_REGISTRY.register_pipeline(
     TASK, pipeline_class=LlavaRadZZeroShotImageClassificationPipeline, pt_model=AutoModel
 )
 
-__all__ = ["LlavaRadZZeroShotImageClassificationPipeline", "parse_descriptions"]
+__all__ = ["LlavaRadZZeroShotImageClassificationPipeline", "chest_view_problems", "parse_descriptions"]

@@ -1,26 +1,27 @@
-"""LLaVA-RadZ processor: radiograph loading (PIL, numpy, PNG/JPEG, DICOM), prompts and special tokens.
+"""LLaVA-RadZ processor: prompts, special tokens, the DKAM knowledge base; images are read by radiograph_llava_radz.
 
-This file is remote code: `save_pretrained` copies it into every checkpoint. It depends only on torch,
-transformers, numpy, PIL and (lazily) pydicom (DESIGN.md §2).
+This file is remote code: `save_pretrained` copies it, and radiograph_llava_radz.py which it imports, into every
+checkpoint. It depends only on torch, transformers and numpy, and through that file on PIL and (lazily) pydicom
+(DESIGN.md §2).
 """
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
+try:
+    from .radiograph_llava_radz import RadiographError, load_radiograph, load_radiographs, to_uint8
+except ImportError:
+    from radiograph_llava_radz import RadiographError, load_radiograph, load_radiographs, to_uint8
+
 
 KNOWLEDGE_FILE = "knowledge.json"
-DICOM_SUFFIXES = (".dcm", ".dicom")
-# 16-bit and float images without a DICOM window are mapped to 8 bits by this percentile range.
-PERCENTILE_WINDOW = (0.5, 99.5)
 
 
 # Generic, varied sentences for `LlavaRadZProcessor.calibration_inputs`.
@@ -42,164 +43,6 @@ CALIBRATION_SENTENCES = [
     "Mediastinal contours are within normal limits.",
     "Healed fracture of the right posterior seventh rib.",
 ]
-
-
-class RadiographError(ValueError):
-    """An image input that cannot be read; the message names the item and the problem."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def to_uint8(pixels: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Map any numeric array to uint8.
-
-    The rule: uint8 passes through. Otherwise the values in `window` (low, high), or, without a window,
-    between the 0.5th and 99.5th percentile, are mapped linearly to 0–255 and clipped. Float images whose
-    values already lie in [0, 1] are scaled by 255.
-    """
-    if pixels.dtype == np.uint8:
-        return pixels
-    pixels = pixels.astype(np.float32)
-    if window is None:
-        if np.issubdtype(pixels.dtype, np.floating) and pixels.min() >= 0.0 and pixels.max() <= 1.0:
-            window = (0.0, 1.0)
-        else:
-            window = tuple(np.percentile(pixels, PERCENTILE_WINDOW))
-    low, high = window
-    scaled = (pixels - low) / max(high - low, 1e-6) * 255.0
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
-
-
-def _array_to_pil(pixels: np.ndarray, name: str) -> Image.Image:
-    if pixels.ndim == 3 and pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
-        raise RadiographError(f"{name}: expected an HxW, HxWx1, HxWx3 or HxWx4 array, got shape {pixels.shape}")
-    if not (np.issubdtype(pixels.dtype, np.integer) or np.issubdtype(pixels.dtype, np.floating)):
-        raise RadiographError(f"{name}: unsupported array dtype {pixels.dtype}")
-    if not np.isfinite(pixels).all():
-        raise RadiographError(f"{name}: the array holds NaN or infinite values")
-    return Image.fromarray(to_uint8(pixels)).convert("RGB")
-
-
-def dicom_to_pil(dataset, name: str = "DICOM dataset") -> Image.Image:
-    """Render a pydicom dataset as an 8-bit RGB image, the way a viewer shows it.
-
-    Steps: the modality LUT (RescaleSlope/Intercept); the VOI LUT or WindowCenter/Width when present, whose
-    output range maps to 0–255 (otherwise the percentile rule of `to_uint8`); MONOCHROME1 is inverted so that
-    air is dark; multi-frame data uses the middle frame.
-    """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    if "PixelData" not in dataset:
-        raise RadiographError(f"{name}: the DICOM has no pixel data (no PixelData element)")
-    try:
-        pixels = dataset.pixel_array
-    except Exception as error:  # pydicom raises many types for bad encodings
-        raise RadiographError(f"{name}: the DICOM pixel data cannot be decoded ({error})") from error
-    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[len(pixels) // 2]
-    if not photometric.startswith("MONOCHROME"):
-        # Colour DICOM (RGB or YBR already converted by pydicom): no LUTs apply.
-        return _array_to_pil(pixels, name)
-
-    pixels = apply_modality_lut(pixels, dataset).astype(np.float32)
-    window = None
-    if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
-        pixels = apply_voi_lut(pixels, dataset).astype(np.float32)
-        if "VOILUTSequence" in dataset:
-            window = (float(pixels.min()), float(pixels.max()))
-        else:
-            center = float(np.ravel(dataset.WindowCenter)[0])
-            width = float(np.ravel(dataset.WindowWidth)[0])
-            window = (center - width / 2, center + width / 2)
-    image = to_uint8(pixels, window)
-    if photometric == "MONOCHROME1":
-        image = 255 - image
-    return Image.fromarray(image).convert("RGB")
-
-
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    with open(path, "rb") as handle:
-        header = handle.read(132)
-    return len(header) == 132 and header[128:132] == b"DICM"
-
-
-def _open_path(path: Path) -> Image.Image:
-    if not path.exists():
-        raise RadiographError(f"{path}: file not found")
-    if path.is_dir():
-        raise RadiographError(f"{path}: is a directory, not an image file")
-    if _is_dicom_file(path):
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
-        try:
-            dataset = pydicom.dcmread(path)
-        except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError) as error:
-            raise RadiographError(f"{path}: corrupt or unreadable DICOM ({error})") from error
-        if "TransferSyntaxUID" not in dataset.file_meta:
-            raise RadiographError(f"{path}: corrupt or unreadable DICOM (no valid file meta information)")
-        return dicom_to_pil(dataset, name=str(path))
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise RadiographError(f"{path}: not a readable image file ({error})") from error
-    return pil_to_rgb(image)
-
-
-def pil_to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; 16-bit and float modes go through the `to_uint8` rule instead of being clipped."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _array_to_pil(np.asarray(image), "image")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_radiograph(image, name: str | None = None) -> Image.Image:
-    """Load one radiograph as an 8-bit RGB PIL image.
-
-    Accepts a PIL image (any mode), a numpy array (uint8, uint16 or float; HxW or HxWxC), a path (str or
-    `Path`) to a PNG/JPEG/any PIL-readable file or a DICOM (by suffix or the `DICM` preamble), or a pydicom
-    `Dataset`. Grayscale becomes 3-channel. Raises `RadiographError` (a `ValueError`) naming the file and the
-    problem for missing, unreadable or corrupt input, and `TypeError` for an unsupported input type.
-    """
-    name = name or "image"
-    if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
-    if isinstance(image, (str, os.PathLike)):
-        return _open_path(Path(image))
-    if isinstance(image, np.ndarray):
-        return _array_to_pil(image, name)
-    if type(image).__module__.startswith("pydicom"):
-        return dicom_to_pil(image, name)
-    raise TypeError(
-        f"{name}: unsupported image type {type(image).__name__}; expected a PIL image, a numpy array, "
-        "a path to an image or DICOM file, or a pydicom Dataset"
-    )
-
-
-def load_radiographs(images) -> list[Image.Image]:
-    """`load_radiograph` over a list; errors name the index of the bad item."""
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    loaded = []
-    for index, image in enumerate(images):
-        try:
-            loaded.append(load_radiograph(image, name=f"image {index}"))
-        except (RadiographError, TypeError) as error:
-            raise type(error)(f"item {index} of the batch: {error}") from error
-    return loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,11 +215,17 @@ class LlavaRadZProcessor(ProcessorMixin):
             self._image_prompt_ids = ids + self.cls_token_ids("image")
         return self._image_prompt_ids
 
+    def plain_text_ids(self, text: str) -> list[int]:
+        """Token ids of user text (a report, a description, a label prompt), not truncated: special-token strings in
+        it (`<image>`, `<TxtCls_3>`, `</s>`...) are encoded as plain text, never as the special tokens."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
     def text_ids(self, text: str) -> list[int]:
-        """Token ids of one text pass: prompt, the text (truncated to `max_text_tokens`), `<TxtCls_*>`."""
+        """Token ids of one text pass: prompt, the text (`plain_text_ids`, truncated to `max_text_tokens`),
+        `<TxtCls_*>`."""
         before, after = self.text_prompt_template.split("{text}")
         ids = self.tokenizer(before, add_special_tokens=True)["input_ids"]
-        ids += self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+        ids += self.plain_text_ids(text)[: self.max_text_tokens]
         ids += self.tokenizer(after, add_special_tokens=False)["input_ids"]
         return ids + self.cls_token_ids("text")
 
@@ -496,4 +345,12 @@ class LlavaRadZProcessor(ProcessorMixin):
 
 LlavaRadZProcessor.register_for_auto_class()
 
-__all__ = ["LlavaRadZProcessor", "load_radiograph", "RadiographError", "validate_knowledge"]
+# The image readers are re-exported: the training code, the baselines and users import them from here.
+__all__ = [
+    "LlavaRadZProcessor",
+    "RadiographError",
+    "load_radiograph",
+    "load_radiographs",
+    "to_uint8",
+    "validate_knowledge",
+]

@@ -170,7 +170,9 @@ print(torch.allclose(logits, expected, atol=1e-6), processor.num_image_tokens, s
 
 
 def test_checkpoint_carries_remote_code_that_imports_nothing_from_radz(tiny_checkpoint):
-    for name in ("configuration_llava_radz.py", "modeling_llava_radz.py", "processing_llava_radz.py"):
+    for name in (
+        "configuration_llava_radz.py", "modeling_llava_radz.py", "processing_llava_radz.py", "radiograph_llava_radz.py"
+    ):
         source = (tiny_checkpoint / name).read_text()
         assert "radz." not in source.replace("llava_radz", ""), name
     assert (tiny_checkpoint / "model.safetensors").exists()

@@ -175,6 +175,8 @@ def test_mimic_cxr_validate_split_views_and_disk_listing(mimic_dir):
     val = rd.mimic_cxr(mimic_dir, split="val")
     assert val["dicom_id"] == ["2a2277a9"] and val[0]["report"] == "Mild cardiomegaly."
     assert_labels(val[0]["labels"], chexpert_vector(No_Finding=1.0))
+    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv"):
+        rd.mimic_cxr(mimic_dir, frontal_only=True)
 
     write(
         mimic_dir / "mimic-cxr-2.0.0-metadata.csv",
@@ -188,6 +190,9 @@ def test_mimic_cxr_validate_split_views_and_disk_listing(mimic_dir):
     )
     frontal = rd.mimic_cxr(mimic_dir, split="train", views=("PA", "AP"))
     assert frontal["dicom_id"] == ["02aa804e", "9f3c1a2b"] and frontal["view"] == ["PA", "PA"]
+    assert rd.load_dataset_by_name("mimic_cxr", mimic_dir, frontal_only=True)["dicom_id"] == frontal["dicom_id"]
+    with pytest.raises(ValueError, match="not both"):
+        rd.mimic_cxr(mimic_dir, views=("PA",), frontal_only=True)
 
     (mimic_dir / "mimic-cxr-2.0.0-split.csv").unlink()
     everything = rd.mimic_cxr(mimic_dir, split=None)  # listed from files/ when there is no split file

@@ -259,7 +259,7 @@ def test_dicom_and_16_bit_png(clf, tmp_path):
 def test_fast_preprocessing_equals_the_image_processor(clf):
     images = [make_image(10, (512, 300)), make_image(11, (33, 200)), make_image(12, (64, 64, 3))]
     expected = clf.processor(images=images)["pixel_values"]
-    assert torch.equal(clf.preprocess(images, offset=0)["pixel_values"], expected)
+    assert torch.equal(clf.preprocess(images)["pixel_values"], expected)
 
 
 @pytest.fixture

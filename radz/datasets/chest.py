@@ -69,6 +69,9 @@ NIH_LABELS = [
     "Hernia",
 ]
 
+# The frontal values of MIMIC-CXR's ViewPosition (DICOM's for a postero-anterior and an antero-posterior chest).
+FRONTAL_VIEWS = ("PA", "AP")
+
 RSNA_LABELS = ["Pneumonia"]
 SIIM_LABELS = ["Pneumothorax"]
 COVIDX_LABELS = ["COVID-19"]
@@ -98,6 +101,7 @@ def mimic_cxr(
     split: str | None = "train",
     uncertain: str = "ignore",
     views: tuple[str, ...] | None = None,
+    frontal_only: bool = False,
     labels_csv: str | os.PathLike | None = None,
     split_csv: str | os.PathLike | None = None,
     metadata_csv: str | os.PathLike | None = None,
@@ -117,8 +121,13 @@ def mimic_cxr(
     Split: ``mimic-cxr-2.0.0-split.csv`` rows with ``split`` "train" | "validate" (also "val") |
     "test"; ``split=None`` takes every image on disk (or in the split file, where there is one).
     ``views=("PA", "AP")`` keeps those ``ViewPosition`` values of ``mimic-cxr-2.0.0-metadata.csv``,
-    which also fills the ``view`` column when present.
+    which also fills the ``view`` column when present; ``frontal_only`` is ``views=FRONTAL_VIEWS`` (as
+    :func:`chexpert`'s). Either needs the metadata file.
     """
+    if frontal_only:
+        if views is not None:
+            raise ValueError(f"mimic_cxr: give views={views!r} or frontal_only=True, not both")
+        views = FRONTAL_VIEWS
     data_dir = absolute_path(data_dir)
     reports_dir = absolute_path(reports_dir) if reports_dir else data_dir
     split_csv = split_csv or find_file(data_dir, "mimic-cxr-2.0.0-split.csv")
