@@ -6,7 +6,7 @@ heads to global embeddings, the content-token states to local embeddings, and In
 DKAM: category descriptions run through the text pass, are pooled per category and mapped by the anchor head to
 category anchors; `category_loss` (L_CG) pulls each sample's global embeddings towards its categories' anchors.
 
-This file is remote code: `save_pretrained` copies it into every checkpoint (DESIGN.md §2).
+This file is remote code: `save_pretrained` copies it into every checkpoint (docs/design.md, "Remote code").
 """
 
 import math

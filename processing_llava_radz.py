@@ -2,7 +2,7 @@
 
 This file is remote code: `save_pretrained` copies it, and radiograph_llava_radz.py which it imports, into every
 checkpoint. It depends only on torch, transformers and numpy, and through that file on PIL and (lazily) pydicom
-(DESIGN.md §2).
+(docs/design.md, "Remote code").
 """
 
 import json

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         train(model_args, data_args, training_args)
         return 0
     finally:
-        # Without it a rank of a multi-process run sometimes aborts at exit (STACK-NOTES).
+        # Without it a rank of a multi-process run sometimes aborts at exit (a known torch.distributed teardown race).
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

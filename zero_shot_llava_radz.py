@@ -6,7 +6,7 @@ knowledge base has the label, else the normalised mean over the prompt templates
 `multi_label`, also the embeddings of its negation ("no {label}").
 
 This file is remote code: `LlavaRadZForZeroShotClassification.save_pretrained` copies it into every checkpoint,
-beside the pipeline that imports it. It depends only on torch and transformers (DESIGN.md §2).
+beside the pipeline that imports it. It depends only on torch and transformers (docs/design.md, "Remote code").
 """
 
 from dataclasses import dataclass

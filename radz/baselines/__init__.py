@@ -1,4 +1,4 @@
-"""Baselines for the MLLM-vs-vision-encoder comparison (DESIGN.md §1): prompt-only VQA, a vision-tower linear probe
+"""Baselines for the MLLM-vs-vision-encoder comparison (docs/design.md): prompt-only VQA, a vision-tower linear probe
 and LoRA SFT with trl. Each is a `Scorer`; `evaluate_radz.py --method ...` runs them through the same harness."""
 
 from .base import LoadedCheckpoint, Scorer, load_checkpoint, select_rows
