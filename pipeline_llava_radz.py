@@ -6,7 +6,8 @@ ensembles and DKAM knowledge anchors. The label side is `zero_shot_llava_radz.bu
 classifier `RadZTrainer.evaluate` measures too), built once per label set and cached on the pipeline.
 
 This file is remote code: every checkpoint written by `LlavaRadZForZeroShotClassification.save_pretrained` carries it
-and declares it in `config.custom_pipelines`. It depends only on torch, transformers, numpy, PIL (docs/design.md, "Remote code").
+and declares it in `config.custom_pipelines`. It depends only on torch, transformers, numpy, PIL
+(docs/design.md, "Remote code").
 """
 
 import os

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Set before any test module imports transformers/evaluate: both read HF_HOME at import time, and remote-code modules are cached under it.
+# Set before any test module imports transformers/evaluate: both read HF_HOME at import time, and remote-code
+# modules are cached under it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="llava_radz_hf_home_")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)

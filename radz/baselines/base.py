@@ -105,7 +105,8 @@ def load_checkpoint(model_dir: str | os.PathLike, device: str | None = None) -> 
 
 
 def llava_image_token_count(processor: LlavaProcessor) -> int:
-    """How many `<image>` tokens `LlavaProcessor` expands one image into (patches + additional tokens, minus one with the "default" strategy, which drops CLS)."""
+    """How many `<image>` tokens `LlavaProcessor` expands one image into: the patches plus the additional tokens,
+    minus one with the "default" strategy, which drops CLS."""
     image_processor = processor.image_processor
     size = getattr(image_processor, "crop_size", None) or image_processor.size
     count = (size["height"] // processor.patch_size) * (size["width"] // processor.patch_size)
