@@ -365,8 +365,9 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
 
         Each description runs through the text pass; its pooled special-token states are averaged per category
         (`anchor_category_ids` says which category each description belongs to) and the anchor head maps the mean
-        to the anchor: the text-global head with `anchor_head="shared"`, an MLP of its own with `"separate"`. Call it inside the training step to re-encode anchors as the LoRA weights change,
-        or once under `torch.no_grad()` and pass the result as `anchor_embeds` for inference.
+        to the anchor: the text-global head with `anchor_head="shared"`, an MLP of its own with `"separate"`. Call it
+        inside the training step to re-encode anchors as the LoRA weights change, or once under `torch.no_grad()` and
+        pass the result as `anchor_embeds` for inference.
         """
         pooled = self.get_text_features(anchor_input_ids, anchor_attention_mask).pooled_cls_states
         num_categories = num_categories or int(anchor_category_ids.max()) + 1

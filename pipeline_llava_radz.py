@@ -184,9 +184,10 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             if isinstance(options["templates"], str) or not options["templates"]:
                 raise ValueError("templates must be a non-empty list of strings with '{}'")
             templates = tuple(_check_template(t, "template") for t in options["templates"])
+        elif options["hypothesis_template"] is not None:
+            templates = (_check_template(options["hypothesis_template"], "hypothesis_template"),)
         else:
-            template = options["hypothesis_template"] or self.model.config.label_template
-            templates = (_check_template(template, "hypothesis_template"),)
+            templates = None  # label_embeddings uses the model's config.label_template
         options["templates"] = templates
         _check_template(options["negative_template"], "negative_template")
         if options["use_knowledge"] not in KNOWLEDGE_MODES:

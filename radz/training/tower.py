@@ -7,7 +7,8 @@ with CLIP's symmetric InfoNCE over the batch. No label is read. Word pairs keep 
 effusion". The two linear maps are thrown away afterwards; the tower and the projector keep what they learned,
 and DFAT trains on from there.
 
-The stage is cheap because the LLM is not run: on the demo model a step costs about a fifth of a DFAT step.
+The stage is cheap because the LLM is not run: on the demo model a step of 32 costs about a third of a DFAT step of
+16 (0.54–0.63 s against 1.66–1.86 s in `make demo`).
 """
 
 from __future__ import annotations

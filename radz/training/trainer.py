@@ -238,7 +238,9 @@ class RadZTrainer(Trainer):
                 loss = lam * loss_alignment + (1.0 - lam) * sum(category) / 2.0
         else:
             loss, loss_alignment = outputs.loss, outputs.loss_alignment
-            category = None if outputs.loss_category is None else (outputs.loss_category_image, outputs.loss_category_text)
+            category = None
+            if outputs.loss_category is not None:
+                category = (outputs.loss_category_image, outputs.loss_category_text)
             logits = outputs.logits_per_image
 
         if model.training:
