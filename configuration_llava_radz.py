@@ -1,10 +1,19 @@
-"""LLaVA-RadZ configuration.
+"""LLaVA-RadZ configuration: the single source of every LLaVA-RadZ default (the processor and the presets read theirs
+from here).
 
-This file is remote code: `save_pretrained` copies it into every checkpoint. It imports only
-transformers and the tower it registers (vision_llava_radz.py).
+A strict dataclass config in the transformers v5 style: the choices are `Literal` fields and the ranges field
+validators, checked at init and on every assignment; the `validate_*` methods check fields against each other, at
+init and again in `save_pretrained`, so an inconsistent config is never written.
+
+This file is remote code: `save_pretrained` copies it into every checkpoint. It imports only transformers (and
+huggingface_hub, which transformers requires) and the tower it registers (vision_llava_radz.py).
 """
 
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
 from transformers import LlavaConfig
+from transformers.utils.type_validators import interval, probability
 
 try:  # registers the convolutional tower with AutoConfig, so that a vision_config naming it loads
     from .vision_llava_radz import LlavaRadZConvVisionConfig  # noqa: F401
@@ -12,12 +21,12 @@ except ImportError:
     from vision_llava_radz import LlavaRadZConvVisionConfig  # noqa: F401
 
 
-ALIGNMENT_MODES = ("global", "cross")
-POOLING_MODES = ("mean", "last", "concat")
-CATEGORY_LOSSES = ("softmax", "sigmoid")
-ANCHOR_HEADS = ("separate", "shared")
+def format_cls_tokens(token_format: str, num_cls_tokens: int) -> list[str]:
+    """`"<ImgCls_{}>"`, 3 → `["<ImgCls_0>", "<ImgCls_1>", "<ImgCls_2>"]`."""
+    return [token_format.format(i) for i in range(num_cls_tokens)]
 
 
+@strict
 class LlavaRadZConfig(LlavaConfig):
     r"""
     Configuration of [`LlavaRadZForZeroShotClassification`]: a LLaVA model (vision tower, projector, LLM) read
@@ -69,17 +78,17 @@ class LlavaRadZConfig(LlavaConfig):
 
     model_type = "llava_radz"
 
-    num_cls_tokens: int = 8
+    num_cls_tokens: int = interval(min=1)(default=8)
     feature_layer: int = -2
-    pooling: str = "mean"
-    projection_dim: int = 512
+    pooling: Literal["mean", "last", "concat"] = "mean"
+    projection_dim: int = interval(min=1)(default=512)
     head_hidden_dim: int | None = None
-    contrastive_temperature: float = 0.07
+    contrastive_temperature: float | int = interval(min=0, exclude_min=True)(default=0.07)
     learnable_temperature: bool = True
-    alignment: str = "global"
-    dkam_lambda: float = 0.5
-    anchor_head: str = "shared"
-    category_loss: str = "softmax"
+    alignment: Literal["global", "cross"] = "global"
+    dkam_lambda: float | int = probability(default=0.5)
+    anchor_head: Literal["separate", "shared"] = "shared"
+    category_loss: Literal["softmax", "sigmoid"] = "softmax"
     image_prompt_template: str = "{image}\nDescribe the findings of this chest radiograph."
     text_prompt_template: str = "Radiology report: {text}"
     label_template: str = "IMPRESSION: {}."
@@ -88,37 +97,24 @@ class LlavaRadZConfig(LlavaConfig):
     image_cls_token_ids: list[int] | None = None
     text_cls_token_ids: list[int] | None = None
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_radz()
-
-    def validate_radz(self):
-        """Raise a `ValueError` naming the field for any inconsistent LLaVA-RadZ setting."""
-        choices = {
-            "alignment": ALIGNMENT_MODES,
-            "pooling": POOLING_MODES,
-            "category_loss": CATEGORY_LOSSES,
-            "anchor_head": ANCHOR_HEADS,
-        }
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"LlavaRadZConfig.{field}={getattr(self, field)!r}; expected one of {allowed}")
-        if self.num_cls_tokens < 1:
-            raise ValueError(f"LlavaRadZConfig.num_cls_tokens must be >= 1, got {self.num_cls_tokens}")
-        if not 0.0 <= self.dkam_lambda <= 1.0:
-            raise ValueError(f"LlavaRadZConfig.dkam_lambda must lie in [0, 1], got {self.dkam_lambda}")
-        if self.contrastive_temperature <= 0:
-            raise ValueError(f"LlavaRadZConfig.contrastive_temperature must be > 0, got {self.contrastive_temperature}")
+    def validate_feature_layer(self):
+        """`feature_layer` indexes the LLM's `num_hidden_layers + 1` hidden states."""
         num_states = self.text_config.num_hidden_layers + 1
         if not -num_states <= self.feature_layer < num_states:
             raise ValueError(
                 f"LlavaRadZConfig.feature_layer={self.feature_layer} is outside the LLM's {num_states} hidden states"
             )
+
+    def validate_templates(self):
+        """Each prompt template holds its placeholder exactly once."""
         for field, placeholder in (("image_prompt_template", "{image}"), ("text_prompt_template", "{text}")):
             if getattr(self, field).count(placeholder) != 1:
                 raise ValueError(f"LlavaRadZConfig.{field} must contain {placeholder} exactly once")
         if self.label_template.count("{}") != 1:
             raise ValueError(f"LlavaRadZConfig.label_template={self.label_template!r} must contain '{{}}' exactly once")
+
+    def validate_cls_tokens(self):
+        """The special-token ids, when set, are one per token."""
         for field in ("image_cls_token_ids", "text_cls_token_ids"):
             ids = getattr(self, field)
             if ids is not None and len(ids) != self.num_cls_tokens:
@@ -129,7 +125,7 @@ class LlavaRadZConfig(LlavaConfig):
     def cls_tokens(self, modality: str) -> list[str]:
         """The special-token strings of one modality (`"image"` or `"text"`)."""
         fmt = self.image_cls_token_format if modality == "image" else self.text_cls_token_format
-        return [fmt.format(i) for i in range(self.num_cls_tokens)]
+        return format_cls_tokens(fmt, self.num_cls_tokens)
 
 
 __all__ = ["LlavaRadZConfig"]

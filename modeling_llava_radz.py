@@ -27,9 +27,9 @@ try:
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
 
-# `save_pretrained` copies the pipeline file (and the zero-shot classifier it imports) into the checkpoint and
+# `save_pretrained` copies the pipeline file (and the modules it imports) into the checkpoint and
 # declares it in `config.custom_pipelines`.
-PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py")
+PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py", "knowledge_llava_radz.py")
 PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,15 +525,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             settings.pop(key, None)
         settings.update(config_overrides)
-        settings.update(
-            num_cls_tokens=processor.num_cls_tokens,
-            image_cls_token_ids=image_ids,
-            text_cls_token_ids=text_ids,
-            image_prompt_template=processor.image_prompt_template,
-            text_prompt_template=processor.text_prompt_template,
-            image_cls_token_format=processor.image_cls_token_format,
-            text_cls_token_format=processor.text_cls_token_format,
-        )
+        settings.update(processor.config_kwargs())
         config = LlavaRadZConfig(**settings)
         # One config object for the wrapper and the wrapped model, as when built from a config.
         config.vision_config, config.text_config = llava.config.vision_config, llava.config.text_config

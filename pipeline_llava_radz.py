@@ -22,12 +22,12 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 try:
-    from .processing_llava_radz import RadiographError, load_radiograph, normalize_label
-    from .radiograph_llava_radz import is_study, study_files
+    from .knowledge_llava_radz import describe_category, normalize_label, parse_descriptions  # noqa: F401
+    from .radiograph_llava_radz import RadiographError, is_study, load_radiograph, study_files
     from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 except ImportError:
-    from processing_llava_radz import RadiographError, load_radiograph, normalize_label
-    from radiograph_llava_radz import is_study, study_files
+    from knowledge_llava_radz import describe_category, normalize_label, parse_descriptions  # noqa: F401
+    from radiograph_llava_radz import RadiographError, is_study, load_radiograph, study_files
     from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 
 
@@ -55,25 +55,9 @@ DEFAULT_OPTIONS = {
     "window_index": 0,
 }
 KNOWLEDGE_MODES = (True, False, "generate")
-# use_knowledge="generate": the prompt asking the model's LLM to describe a label it has no knowledge of.
-DESCRIPTION_PROMPT = (
-    "Describe how {} appears on a radiograph and what distinguishes it from other findings, "
-    "in at most three short sentences."
-)
-MAX_GENERATED_DESCRIPTIONS = 3
 # DICOM Modality values of projection radiographs (and of the secondary captures radiographs are often exported as).
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG", "SC", "OT")
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
-
-
-def parse_descriptions(text: str) -> list[str]:
-    """Sentences of a generated answer, without list markers; at most `MAX_GENERATED_DESCRIPTIONS`."""
-    sentences = []
-    for piece in re.split(r"(?<=[.!?])\s+|\n+", text):
-        piece = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", piece).strip()
-        if re.search(r"[A-Za-z]{2}", piece):
-            sentences.append(piece)
-    return sentences[:MAX_GENERATED_DESCRIPTIONS]
 
 
 def chest_view_problems(facts: dict) -> list[str]:
@@ -440,24 +424,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             self.processor.set_knowledge(knowledge)
 
     def _describe(self, label: str) -> list[str]:
-        tokenizer = self.tokenizer
-        question = DESCRIPTION_PROMPT.format(label)
-        if getattr(tokenizer, "chat_template", None):
-            inputs = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )
-        else:
-            inputs = tokenizer(f"{question}\nAnswer:", return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        output = self.model.generate(
-            **inputs, max_new_tokens=64, min_new_tokens=8, do_sample=False, pad_token_id=pad_id
-        )
-        text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        return parse_descriptions(text)
+        return describe_category(self.model, self.tokenizer, label, max_new_tokens=64)[1]
 
 
 PIPELINE_REGISTRY.register_pipeline(

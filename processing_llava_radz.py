@@ -1,12 +1,13 @@
-"""LLaVA-RadZ processor: prompts, special tokens, the DKAM knowledge base; images are read by radiograph_llava_radz.
+"""LLaVA-RadZ processor: prompts, special tokens and the DKAM knowledge base it carries.
 
-This file is remote code: `save_pretrained` copies it, and radiograph_llava_radz.py which it imports, into every
-checkpoint. It depends only on torch, transformers and numpy, and through that file on PIL and (lazily) pydicom
-(docs/design.md, "Remote code").
+Images are read by radiograph_llava_radz.py; the knowledge schema and label matching live in knowledge_llava_radz.py;
+the defaults (templates, token formats, `num_cls_tokens`) are those of configuration_llava_radz.py.
+
+This file is remote code: `save_pretrained` copies it, and the files it imports, into every checkpoint. It depends
+only on torch, transformers and numpy, and through those files on PIL and (lazily) pydicom (docs/design.md,
+"Remote code").
 """
 
-import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,15 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import cached_file
 
 try:
-    from .radiograph_llava_radz import RadiographError, load_radiograph, load_radiographs, to_uint8
+    from .configuration_llava_radz import LlavaRadZConfig, format_cls_tokens
+    from .knowledge_llava_radz import KNOWLEDGE_FILE, match_category, read_knowledge_file, validate_knowledge
+    from .knowledge_llava_radz import write_knowledge_file
+    from .radiograph_llava_radz import load_radiographs
 except ImportError:
-    from radiograph_llava_radz import RadiographError, load_radiograph, load_radiographs, to_uint8
-
-
-KNOWLEDGE_FILE = "knowledge.json"
+    from configuration_llava_radz import LlavaRadZConfig, format_cls_tokens
+    from knowledge_llava_radz import KNOWLEDGE_FILE, match_category, read_knowledge_file, validate_knowledge
+    from knowledge_llava_radz import write_knowledge_file
+    from radiograph_llava_radz import load_radiographs
 
 
 # Generic, varied sentences for `LlavaRadZProcessor.calibration_inputs`.
@@ -45,57 +49,14 @@ CALIBRATION_SENTENCES = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Knowledge base: {category: {"synonyms": [...], "descriptions": [...]}}
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def normalize_label(label: str) -> str:
-    """Case, underscore and hyphen insensitive key: `Pleural_Thickening` == `pleural thickening`."""
-    return re.sub(r"[\s_\-]+", " ", label).strip().lower()
-
-
-def validate_knowledge(knowledge, source: str = "knowledge") -> dict:
-    """Check the knowledge schema; raise a `ValueError` that names the source, the category and the key."""
-    if not isinstance(knowledge, dict) or not knowledge:
-        raise ValueError(f"{source}: expected a non-empty JSON object {{category: {{synonyms, descriptions}}}}")
-    seen = {}
-    for category, entry in knowledge.items():
-        where = f"{source}: category {category!r}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object with 'synonyms' and 'descriptions'")
-        unknown = set(entry) - {"synonyms", "descriptions"}
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
-        for key in ("synonyms", "descriptions"):
-            values = entry.get(key, [])
-            if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
-                raise ValueError(f"{where}: '{key}' must be a list of non-empty strings")
-        if not entry.get("descriptions"):
-            raise ValueError(f"{where}: 'descriptions' is empty; give at least one description")
-        for name in [category, *entry.get("synonyms", [])]:
-            key = normalize_label(name)
-            if key in seen and seen[key] != category:
-                raise ValueError(f"{where}: name {name!r} is already used by category {seen[key]!r}")
-            seen[key] = category
-    return knowledge
-
-
-def read_knowledge_file(path) -> dict:
-    """Read and validate a knowledge JSON file."""
-    path = Path(path)
-    try:
-        knowledge = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{path}: knowledge file not found") from error
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-    return validate_knowledge(knowledge, source=str(path))
-
-
-def write_knowledge_file(knowledge: dict, path) -> None:
-    validate_knowledge(knowledge, source=str(path))
-    Path(path).write_text(json.dumps(knowledge, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def llava_image_token_count(llava_processor) -> int:
+    """How many `<image>` tokens a transformers `LlavaProcessor` expands one image into: the patches plus the
+    additional tokens, minus one with the "default" feature-select strategy, which drops CLS."""
+    image_processor = llava_processor.image_processor
+    size = getattr(image_processor, "crop_size", None) or image_processor.size
+    patch = llava_processor.patch_size
+    count = (size["height"] // patch) * (size["width"] // patch) + llava_processor.num_additional_image_tokens
+    return count - (1 if llava_processor.vision_feature_select_strategy == "default" else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -119,12 +80,12 @@ class LlavaRadZProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
-        num_image_tokens: int = 576,
-        num_cls_tokens: int = 8,
-        image_prompt_template: str = "{image}\nDescribe the findings of this chest radiograph.",
-        text_prompt_template: str = "Radiology report: {text}",
-        image_cls_token_format: str = "<ImgCls_{}>",
-        text_cls_token_format: str = "<TxtCls_{}>",
+        num_image_tokens: int = LlavaRadZConfig.image_seq_length,
+        num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens,
+        image_prompt_template: str = LlavaRadZConfig.image_prompt_template,
+        text_prompt_template: str = LlavaRadZConfig.text_prompt_template,
+        image_cls_token_format: str = LlavaRadZConfig.image_cls_token_format,
+        text_cls_token_format: str = LlavaRadZConfig.text_cls_token_format,
         image_token: str = "<image>",
         max_text_tokens: int = 128,
         chat_template=None,
@@ -151,7 +112,7 @@ class LlavaRadZProcessor(ProcessorMixin):
     # -- special tokens --------------------------------------------------------------------------------------
     def cls_tokens(self, modality: str) -> list[str]:
         fmt = self.image_cls_token_format if modality == "image" else self.text_cls_token_format
-        return [fmt.format(i) for i in range(self.num_cls_tokens)]
+        return format_cls_tokens(fmt, self.num_cls_tokens)
 
     def cls_token_ids(self, modality: str) -> list[int]:
         return self.tokenizer.convert_tokens_to_ids(self.cls_tokens(modality))
@@ -160,16 +121,33 @@ class LlavaRadZProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
+    def config_kwargs(self) -> dict:
+        """The `LlavaRadZConfig` fields that must match this processor: the special tokens, their ids and the
+        prompts. `from_llava` and the presets build their configs with these."""
+        return {
+            "num_cls_tokens": self.num_cls_tokens,
+            "image_cls_token_ids": self.cls_token_ids("image"),
+            "text_cls_token_ids": self.cls_token_ids("text"),
+            "image_cls_token_format": self.image_cls_token_format,
+            "text_cls_token_format": self.text_cls_token_format,
+            "image_prompt_template": self.image_prompt_template,
+            "text_prompt_template": self.text_prompt_template,
+        }
+
     @staticmethod
-    def add_cls_tokens(tokenizer, num_cls_tokens: int, image_format="<ImgCls_{}>", text_format="<TxtCls_{}>"):
+    def add_cls_tokens(
+        tokenizer,
+        num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens,
+        image_format: str = LlavaRadZConfig.image_cls_token_format,
+        text_format: str = LlavaRadZConfig.text_cls_token_format,
+    ):
         """Add the `<ImgCls_*>` and `<TxtCls_*>` tokens as special tokens (a no-op for those already present)."""
-        tokens = [image_format.format(i) for i in range(num_cls_tokens)]
-        tokens += [text_format.format(i) for i in range(num_cls_tokens)]
+        tokens = format_cls_tokens(image_format, num_cls_tokens) + format_cls_tokens(text_format, num_cls_tokens)
         tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
         return tokenizer
 
     @classmethod
-    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = 8, **kwargs):
+    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens, **kwargs):
         """Build a LLaVA-RadZ processor from a transformers `LlavaProcessor` (object, hub id or directory).
 
         Adds the special tokens to its tokenizer and takes the image-token count from its patch size,
@@ -189,12 +167,7 @@ class LlavaRadZProcessor(ProcessorMixin):
         tokenizer = cls.add_cls_tokens(llava_processor.tokenizer, num_cls_tokens)
         image_processor = llava_processor.image_processor
         if kwargs.get("num_image_tokens") is None:
-            size = getattr(image_processor, "crop_size", None) or image_processor.size
-            patch = llava_processor.patch_size
-            count = (size["height"] // patch) * (size["width"] // patch)
-            count += llava_processor.num_additional_image_tokens
-            count -= 1 if llava_processor.vision_feature_select_strategy == "default" else 0
-            kwargs["num_image_tokens"] = count
+            kwargs["num_image_tokens"] = llava_image_token_count(llava_processor)
         return cls(
             image_processor=image_processor,
             tokenizer=tokenizer,
@@ -229,7 +202,8 @@ class LlavaRadZProcessor(ProcessorMixin):
         ids += self.tokenizer(after, add_special_tokens=False)["input_ids"]
         return ids + self.cls_token_ids("text")
 
-    def _pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def pad_sequences(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad token id lists (with the pad token, else EOS) into `input_ids` and `attention_mask`."""
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
             pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -263,7 +237,7 @@ class LlavaRadZProcessor(ProcessorMixin):
             for index, item in enumerate(texts):
                 if not isinstance(item, str):
                     raise TypeError(f"text item {index}: expected a string, got {type(item).__name__}")
-            data["input_ids"], data["attention_mask"] = self._pad([self.text_ids(t) for t in texts])
+            data["input_ids"], data["attention_mask"] = self.pad_sequences([self.text_ids(t) for t in texts])
         return BatchFeature(data=data)
 
     def calibration_inputs(self, num_samples: int = 16, seed: int = 0):
@@ -287,13 +261,7 @@ class LlavaRadZProcessor(ProcessorMixin):
 
     def match_category(self, label: str) -> str | None:
         """The knowledge category whose name or synonym matches `label`, or None."""
-        if not self.knowledge:
-            return None
-        key = normalize_label(label)
-        for category, entry in self.knowledge.items():
-            if key in (normalize_label(n) for n in [category, *entry.get("synonyms", [])]):
-                return category
-        return None
+        return match_category(self.knowledge, label)
 
     def encode_anchors(self, categories: list[str], max_descriptions: int | None = None) -> BatchFeature:
         """Encode the descriptions of `categories` for `model.get_anchor_features`.
@@ -345,12 +313,4 @@ class LlavaRadZProcessor(ProcessorMixin):
 
 LlavaRadZProcessor.register_for_auto_class()
 
-# The image readers are re-exported: the training code, the baselines and users import them from here.
-__all__ = [
-    "LlavaRadZProcessor",
-    "RadiographError",
-    "load_radiograph",
-    "load_radiographs",
-    "to_uint8",
-    "validate_knowledge",
-]
+__all__ = ["LlavaRadZProcessor", "llava_image_token_count"]

@@ -38,17 +38,6 @@ from radz.training import (
 logger = logging.getLogger("train_radz")
 
 
-def load_knowledge_arg(name_or_path: str) -> dict:
-    """A knowledge JSON file, or a set bundled with `radz.knowledge`."""
-    from processing_llava_radz import read_knowledge_file
-
-    if Path(name_or_path).suffix == ".json" or Path(name_or_path).is_file():
-        return read_knowledge_file(name_or_path)
-    from radz.knowledge import load_knowledge
-
-    return load_knowledge(name_or_path)
-
-
 def build_model(args: ModelArguments):
     """(model, processor) from a LLaVA checkpoint (`--base_model`) or a preset (`--config`), with the knowledge."""
     overrides = {k: getattr(args, k) for k in ("dkam_lambda", "alignment") if getattr(args, k) is not None}
@@ -62,10 +51,13 @@ def build_model(args: ModelArguments):
         from modeling_llava_radz import LlavaRadZForZeroShotClassification
         from processing_llava_radz import LlavaRadZProcessor
 
-        processor = LlavaRadZProcessor.from_llava(args.base_model, num_cls_tokens=args.num_cls_tokens or 8)
+        cls_tokens = {"num_cls_tokens": args.num_cls_tokens} if args.num_cls_tokens is not None else {}
+        processor = LlavaRadZProcessor.from_llava(args.base_model, **cls_tokens)
         model = LlavaRadZForZeroShotClassification.from_llava(args.base_model, processor=processor, **overrides)
     if args.knowledge is not None:
-        processor.set_knowledge(load_knowledge_arg(args.knowledge))
+        from radz.knowledge import load_knowledge
+
+        processor.set_knowledge(load_knowledge(args.knowledge))
     return model, processor
 
 

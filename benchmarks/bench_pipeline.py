@@ -99,7 +99,7 @@ def best_times(functions, repeats: int) -> list[tuple[float, float]]:
 
 def run_one(name: str, paths: list[str], batch_size: int, repeats: int) -> dict:
     from pipeline_llava_radz import LlavaRadZZeroShotImageClassificationPipeline
-    from processing_llava_radz import load_radiographs
+    from radiograph_llava_radz import load_radiographs
 
     model, processor = build_model(name)
     clf = LlavaRadZZeroShotImageClassificationPipeline(model=model, processor=processor, device=-1)

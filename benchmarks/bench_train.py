@@ -138,7 +138,7 @@ def llava_step_fn(size: str):
     _, reports, images = make_batch(processor, processor.image_processor.crop_size["height"])
     image_part = processor.image_prompt_ids()[: -processor.num_cls_tokens]  # image tokens + prompt, no <ImgCls_*>
     sequences = [image_part + processor.tokenizer(r, add_special_tokens=False)["input_ids"] for r in reports]
-    input_ids, attention_mask = processor._pad(sequences)
+    input_ids, attention_mask = processor.pad_sequences(sequences)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, : len(image_part)] = -100  # the loss covers the report tokens
     pixel_values = processor(images=images)["pixel_values"]

@@ -51,7 +51,9 @@ def build_tokenizer(corpus: list[str] = TOKENIZER_CORPUS, vocab_size: int = 512)
     )
 
 
-def build_processor(tokenizer, image_size: int, patch_size: int, num_cls_tokens: int, **kwargs):
+def build_processor(
+    tokenizer, image_size: int, patch_size: int, num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens, **kwargs
+):
     """A LLaVA-RadZ processor for a `(image_size // patch_size) ** 2`-token tower: a CLIP-ViT read with
     `vision_feature_select_strategy="default"` (the CLS token dropped) or the convolutional tower."""
     LlavaRadZProcessor.add_cls_tokens(tokenizer, num_cls_tokens)
@@ -79,11 +81,7 @@ def config_for_processor(processor, vision_config, text_config, **overrides) -> 
         image_seq_length=processor.num_image_tokens,
         vision_feature_layer=-1 if conv else -2,
         vision_feature_select_strategy="full" if conv else "default",
-        num_cls_tokens=processor.num_cls_tokens,
-        image_cls_token_ids=processor.cls_token_ids("image"),
-        text_cls_token_ids=processor.cls_token_ids("text"),
-        image_prompt_template=processor.image_prompt_template,
-        text_prompt_template=processor.text_prompt_template,
+        **processor.config_kwargs(),
     )
     settings.update(overrides)
     return LlavaRadZConfig(**settings)
@@ -141,7 +139,9 @@ def load_smollm2():
     return tokenizer, model.eval()
 
 
-def build_from_llm(llm, tokenizer, vision_config, num_llm_layers=None, num_cls_tokens=8, **overrides):
+def build_from_llm(
+    llm, tokenizer, vision_config, num_llm_layers=None, num_cls_tokens=LlavaRadZConfig.num_cls_tokens, **overrides
+):
     """LLaVA-RadZ from any pretrained causal LM plus a freshly initialised vision tower and projector.
 
     For when no LLaVA checkpoint exists (offline, or a new LLM): the LLM keeps its pretrained weights, optionally
@@ -190,7 +190,13 @@ def _padded(head_weight, rows):
     return out
 
 
-def demo(num_llm_layers: int = 4, image_size: int = 128, num_cls_tokens: int = 8, vision: str = "conv", **overrides):
+def demo(
+    num_llm_layers: int = 4,
+    image_size: int = 128,
+    num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens,
+    vision: str = "conv",
+    **overrides,
+):
     """The `make demo` model: a vision tower trained from scratch (the convolutional tower, 5 stages from 32 to 256
     channels: 16 image tokens at 128 px; or `vision="vit"`, a CLIP-ViT of hidden 256, 4 layers, patch 16), a
     projector, and SmolLM2-135M-Instruct truncated to its first `num_llm_layers` layers."""

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import (
@@ -17,7 +18,8 @@ from transformers import (
 from conftest import run_python
 from configuration_llava_radz import LlavaRadZConfig
 from modeling_llava_radz import LlavaRadZForZeroShotClassification, alignment_loss, clip_loss
-from processing_llava_radz import LlavaRadZProcessor, RadiographError, load_radiograph, to_uint8
+from processing_llava_radz import LlavaRadZProcessor
+from radiograph_llava_radz import RadiographError, load_radiograph, to_uint8
 from radz.presets import build_tokenizer, tiny
 
 REPORTS = [
@@ -410,15 +412,15 @@ def test_bad_inputs_get_errors_that_name_the_problem(tmp_path, tiny_model):
 
 
 def test_config_rejects_inconsistent_fields():
-    with pytest.raises(ValueError, match="alignment='both'"):
+    with pytest.raises(StrictDataclassError, match="'alignment' expected one of \\('global', 'cross'\\), got both"):
         LlavaRadZConfig(alignment="both")
-    with pytest.raises(ValueError, match="dkam_lambda"):
+    with pytest.raises(StrictDataclassError, match="dkam_lambda"):
         LlavaRadZConfig(dkam_lambda=1.5)
-    with pytest.raises(ValueError, match="feature_layer=40"):
+    with pytest.raises(StrictDataclassError, match="feature_layer=40"):
         LlavaRadZConfig(feature_layer=40)
-    with pytest.raises(ValueError, match=r"text_prompt_template must contain \{text\}"):
+    with pytest.raises(StrictDataclassError, match=r"text_prompt_template must contain \{text\}"):
         LlavaRadZConfig(text_prompt_template="no placeholder")
-    with pytest.raises(ValueError, match="text_cls_token_ids has 2 ids but num_cls_tokens=8"):
+    with pytest.raises(StrictDataclassError, match="text_cls_token_ids has 2 ids but num_cls_tokens=8"):
         LlavaRadZConfig(text_cls_token_ids=[1, 2])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radz.knowledge import available_knowledge, check_labels, load_knowledge, lookup, merge_knowledge, save_knowledge
+from radz.knowledge import available_knowledge, check_labels, load_knowledge, match_category, merge_knowledge, save_knowledge
 from radz.knowledge.generate import generate_knowledge, parse_descriptions
 
 from conftest import run_python
@@ -100,14 +100,14 @@ def test_chestxray14_covers_every_finding_label_in_data_entry():
     assert sorted(check_labels(load_knowledge("chestxray14"), findings)) == sorted(findings)
 
 
-def test_lookup_uses_synonyms_and_normalisation():
+def test_match_category_uses_synonyms_and_normalisation():
     nih = load_knowledge("chestxray14")
-    assert lookup(nih, "pleural effusion") == "Effusion"
-    assert lookup(nih, "Pleural-Thickening") == "Pleural_Thickening"
-    assert lookup(nih, "pleural thickening") == "Pleural_Thickening"
-    assert lookup(nih, "NO_FINDING") == "No Finding"
-    assert lookup(nih, "Fracture") is None
-    assert lookup(load_knowledge("knee_kl"), "minimal osteoarthritis") == "KL 2"
+    assert match_category(nih, "pleural effusion") == "Effusion"
+    assert match_category(nih, "Pleural-Thickening") == "Pleural_Thickening"
+    assert match_category(nih, "pleural thickening") == "Pleural_Thickening"
+    assert match_category(nih, "NO_FINDING") == "No Finding"
+    assert match_category(nih, "Fracture") is None
+    assert match_category(load_knowledge("knee_kl"), "minimal osteoarthritis") == "KL 2"
 
 
 def test_check_labels_names_unknown_category_with_close_match():

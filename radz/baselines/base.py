@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-from processing_llava_radz import load_radiographs
+from radiograph_llava_radz import load_radiographs
 
 
 class Scorer:

@@ -1,7 +1,7 @@
 """DKAM knowledge bases: per-category synonyms and radiographic descriptions.
 
 A knowledge base is `{category: {"synonyms": [...], "descriptions": [...]}}`, the schema that
-`processing_llava_radz.validate_knowledge` checks and that a checkpoint carries as `knowledge.json`.
+`knowledge_llava_radz.validate_knowledge` checks and that a checkpoint carries as `knowledge.json`.
 One curated JSON file per label set ships in this package; `generate_knowledge` (in `.generate`) writes a new
 one with a model's own LLM.
 """
@@ -13,7 +13,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from processing_llava_radz import normalize_label, read_knowledge_file, validate_knowledge, write_knowledge_file
+from knowledge_llava_radz import match_category, normalize_label, read_knowledge_file, validate_knowledge
+from knowledge_llava_radz import write_knowledge_file
 
 
 def available_knowledge() -> list[str]:
@@ -40,30 +41,21 @@ def save_knowledge(knowledge: dict, path: str | os.PathLike) -> None:
     write_knowledge_file(knowledge, path)
 
 
-def lookup(knowledge: dict, label: str) -> str | None:
-    """The category whose name or synonym matches `label` (case, space, `_` and `-` insensitive), or None."""
-    key = normalize_label(label)
-    for category, entry in knowledge.items():
-        if key in (normalize_label(name) for name in [category, *entry.get("synonyms", [])]):
-            return category
-    return None
-
-
 def merge_knowledge(*knowledge_bases: dict) -> dict:
     """Merge knowledge bases left to right.
 
-    A category of a later base that matches an earlier one (by name or synonym, see `lookup`) extends it: new
+    A category of a later base that matches an earlier one (by name or synonym, see `match_category`) extends it: new
     synonyms and descriptions are appended, duplicates dropped, and the earlier category name is kept. Other
     categories are added. The result is validated, so a synonym claimed by two different categories raises.
     """
     merged: dict = {}
     for knowledge in knowledge_bases:
         for category, entry in validate_knowledge(knowledge, "merge_knowledge input").items():
-            target = lookup(merged, category) or category
+            target = match_category(merged, category) or category
             slot = merged.setdefault(target, {"synonyms": [], "descriptions": []})
             for key in ("synonyms", "descriptions"):
                 for value in entry.get(key, []):
-                    if value not in slot[key] and not (key == "synonyms" and lookup({target: slot}, value)):
+                    if value not in slot[key] and not (key == "synonyms" and match_category({target: slot}, value)):
                         slot[key].append(value)
     return validate_knowledge(merged, "merged knowledge")
 
@@ -72,7 +64,7 @@ def check_labels(knowledge: dict, labels) -> list[str]:
     """Map each label to its category; raise a `ValueError` naming the unknown labels and close matches."""
     categories, unknown = [], []
     for label in labels:
-        category = lookup(knowledge, label)
+        category = match_category(knowledge, label)
         if category is None:
             unknown.append(label)
         categories.append(category)
@@ -93,7 +85,7 @@ __all__ = [
     "available_knowledge",
     "check_labels",
     "load_knowledge",
-    "lookup",
+    "match_category",
     "merge_knowledge",
     "save_knowledge",
 ]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from processing_llava_radz import RadiographError, load_radiograph
+from radiograph_llava_radz import RadiographError, load_radiograph
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modeling_llava_radz import clip_loss
-from processing_llava_radz import RadiographError, load_radiograph
+from radiograph_llava_radz import RadiographError, load_radiograph
 
 logger = logging.getLogger(__name__)
 
