@@ -17,7 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from radz.datasets import READERS
+import radz.baselines  # noqa: F401  (registers the baseline methods)
+from radz.datasets import DATASETS
 from radz.evaluation.harness import EvaluationConfig, EvaluationError, run_evaluation
 from radz.evaluation.methods import METHODS
 from radz.evaluation.metrics import PROTOCOLS
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evaluate_radz.py", description=__doc__.split("\n\n")[0])
     data = parser.add_argument_group("data")
     data.add_argument("--model", required=True, help="checkpoint directory (LLaVA-RadZ, or plain LLaVA for baselines)")
-    data.add_argument("--dataset", required=True, choices=sorted(READERS))
+    data.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     data.add_argument("--data_dir", required=True, help="dataset folder (generic: a table file or a folder)")
     data.add_argument("--split", default="test")
     data.add_argument("--labels", help="comma-separated label names to evaluate (default: all of the dataset's)")
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--output_dir", required=True, type=Path)
 
     method = parser.add_argument_group("method")
-    method.add_argument("--method", choices=METHODS, default="radz")
+    method.add_argument("--method", choices=list(METHODS), default="radz")
     method.add_argument("--multi_label", action=argparse.BooleanOptionalAction, default=None,
                         help="radz: score each label against 'no {label}' (default for binary/multi-label sets) "
                              "instead of a softmax over the labels (default for multi-class sets)")
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     thresholds = parser.add_argument_group("thresholds and statistics")
     thresholds.add_argument("--threshold_protocol", choices=PROTOCOLS, default="validation")
-    thresholds.add_argument("--validation_split", help="default: the reader's own (valid, val, validation...)")
+    thresholds.add_argument("--validation_split", help="default: the dataset's own (valid, val, validation...); "
+                                                            "ChestX-ray14: a patient-disjoint part of train_val_list")
     thresholds.add_argument("--bootstrap", type=int, default=0, help="resamples for 95%% AUC confidence intervals")
 
     training = parser.add_argument_group("trained baselines (vision_probe, sft)")

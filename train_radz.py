@@ -28,7 +28,7 @@ from radz.training import (
     RadZCollator,
     RadZTrainer,
     RadZTrainingArguments,
-    load_split,
+    load_training_data,
     merged_model,
     prepare_for_training,
     pretrain_vision_tower,
@@ -68,8 +68,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
 
     # The main process builds the datasets cache first; the other ranks then read it.
     with training_args.main_process_first(desc="loading the data"):
-        train_dataset, label_names = load_split(data_args, "train")
-        eval_dataset, eval_label_names = load_split(data_args, "validation")
+        train_dataset, label_names = load_training_data(data_args, "train")
+        eval_dataset, eval_label_names = load_training_data(data_args, "validation")
     train_dataset, _ = scan_dataset(train_dataset, training_args.max_bad_fraction)
     if training_args.balance_classes and not label_names:
         raise ValueError("--balance_classes needs labelled training data (--label_columns or --class_names)")

@@ -518,14 +518,14 @@ def child_supervised(name: str, run_dir: Path, output_dir: Path, max_steps: int,
     from torch import nn
 
     from radz.presets import build_from_preset
-    from radz.training import DataArguments, ModelArguments, RadZCollator, load_split, prepare_for_training
+    from radz.training import DataArguments, ModelArguments, RadZCollator, load_training_data, prepare_for_training
     from radz.training.tower import pooled_image_tokens
 
     torch.manual_seed(0)
     preset_json = str(run_dir / "preset.json")
     model, processor = build_from_preset(preset_json)
     data = output_dir / "data"
-    train, _ = load_split(DataArguments(train_file=str(data / "train.jsonl"), label_columns=",".join(PHANTOM_LABELS)),
+    train, _ = load_training_data(DataArguments(train_file=str(data / "train.jsonl"), label_columns=",".join(PHANTOM_LABELS)),
                           "train")
     collator = RadZCollator(processor, max_bad_fraction=0.05, fallback_dataset=train, seed=0)
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import evaluate_radz  # noqa: E402
 from radz.evaluation.harness import read_metrics, summary_auc  # noqa: E402
-from radz.evaluation.methods import METHODS  # noqa: E402
+from radz.evaluation.methods import METHODS  # noqa: E402  (with the baselines, which evaluate_radz registers)
 from radz.phantom import write_phantom_dataset  # noqa: E402
 from radz.presets import DEMO_TRAINING  # noqa: E402
 

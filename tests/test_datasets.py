@@ -22,7 +22,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import radz.datasets as rd
-from radz.datasets import LABEL_NAMES, READERS, dataset_metadata, load_dataset_by_name
+from radz.datasets import DATASETS, dataset_metadata, load_split
 
 NAN = float("nan")
 
@@ -148,7 +148,7 @@ def mimic_dir(tmp_path: Path) -> Path:
 
 def chexpert_vector(**values) -> list[float]:
     """A CheXpert-order label vector: named observations set, every other one 0."""
-    return [values.get(name.replace(" ", "_"), 0.0) for name in LABEL_NAMES["chexpert"]]
+    return [values.get(name.replace(" ", "_"), 0.0) for name in DATASETS["chexpert"].label_names]
 
 
 def test_mimic_cxr_train_split_reports_and_labels(mimic_dir):
@@ -190,7 +190,7 @@ def test_mimic_cxr_validate_split_views_and_disk_listing(mimic_dir):
     )
     frontal = rd.mimic_cxr(mimic_dir, split="train", views=("PA", "AP"))
     assert frontal["dicom_id"] == ["02aa804e", "9f3c1a2b"] and frontal["view"] == ["PA", "PA"]
-    assert rd.load_dataset_by_name("mimic_cxr", mimic_dir, frontal_only=True)["dicom_id"] == frontal["dicom_id"]
+    assert rd.load_split("mimic_cxr", mimic_dir, frontal_only=True)["dicom_id"] == frontal["dicom_id"]
     with pytest.raises(ValueError, match="not both"):
         rd.mimic_cxr(mimic_dir, views=("PA",), frontal_only=True)
 
@@ -244,7 +244,7 @@ def nih_dir(tmp_path: Path) -> Path:
 
 
 def nih_vector(*positives: str) -> list[float]:
-    return [1.0 if name in positives else 0.0 for name in LABEL_NAMES["chestxray14"]]
+    return [1.0 if name in positives else 0.0 for name in DATASETS["chestxray14"].label_names]
 
 
 def test_chestxray14_labels_splits_and_image_search(nih_dir):
@@ -548,7 +548,7 @@ def test_generic_csv_jsonl_parquet(tmp_path):
     assert ds["report"] == ["Small effusion.", "", "Clear."]
     assert_labels(ds[0]["labels"], [1.0, NAN])
     assert_labels(ds[2]["labels"], [NAN, 0.0])
-    train = load_dataset_by_name("generic", tmp_path / "data.csv", image_column="path", label_columns=["nodule"])
+    train = load_split("generic", tmp_path / "data.csv", image_column="path", label_columns=["nodule"])
     assert len(train) == 2 and dataset_metadata(train)["task"] == "binary"
 
     import pandas as pd
@@ -567,8 +567,8 @@ def test_generic_csv_jsonl_parquet(tmp_path):
 
 def test_generic_errors_and_image_folder(tmp_path):
     write_image(tmp_path / "imgs/a.png")
-    write(tmp_path / "bad.csv", "image,effusion\nimgs/a.png,-1\n")
-    with pytest.raises(ValueError, match=r"label column 'effusion' must hold 0/1 or blank; found \['-1'\]"):
+    write(tmp_path / "bad.csv", "image,effusion\nimgs/a.png,2\n")
+    with pytest.raises(ValueError, match=r"label column 'effusion': labels must be 1, 0, -1 .* found \['2'\]"):
         rd.generic(tmp_path / "bad.csv", label_columns=["effusion"])
     with pytest.raises(ValueError, match=r"bad\.csv: missing column\(s\) \['report'\]"):
         rd.generic(tmp_path / "bad.csv", report_column="report")
@@ -588,7 +588,7 @@ def test_generic_errors_and_image_folder(tmp_path):
 
 def test_metadata_survives_select_filter_and_disk(nih_dir, tmp_path):
     ds = rd.chestxray14(nih_dir, split=None)
-    expected = {"dataset": "chestxray14", "label_names": LABEL_NAMES["chestxray14"], "task": "multilabel"}
+    expected = {"dataset": "chestxray14", "label_names": DATASETS["chestxray14"].label_names, "task": "multilabel"}
     assert dataset_metadata(ds) == expected
     assert dataset_metadata(ds.select([1, 3])) == expected
     filtered = ds.filter(lambda row: row["labels"][1] == 1.0)
@@ -601,7 +601,7 @@ def test_metadata_survives_select_filter_and_disk(nih_dir, tmp_path):
 
 
 def test_registry_and_load_by_name(nih_dir, tmp_path):
-    assert list(READERS) == [
+    assert list(DATASETS) == [
         "mimic_cxr",
         "chestxray14",
         "chexpert",
@@ -612,12 +612,12 @@ def test_registry_and_load_by_name(nih_dir, tmp_path):
         "knee_kl",
         "generic",
     ]
-    assert set(LABEL_NAMES) == set(READERS) - {"generic"}
-    assert len(LABEL_NAMES["chexpert"]) == len(LABEL_NAMES["chestxray14"]) == 14
-    ds = load_dataset_by_name("chestxray14", nih_dir, split="test")
+    assert [name for name, spec in DATASETS.items() if spec.label_names is None] == ["generic"]
+    assert len(DATASETS["chexpert"].label_names) == len(DATASETS["chestxray14"].label_names) == 14
+    ds = load_split("chestxray14", nih_dir, split="test")
     assert ds["image_id"] == ["00030805_000.png"]
     with pytest.raises(KeyError, match="unknown dataset 'padchest'"):
-        load_dataset_by_name("padchest", nih_dir)
+        load_split("padchest", nih_dir)
 
 
 # --------------------------------------------------------------------------- real label files (torchxrayvision)
@@ -628,7 +628,7 @@ def test_real_chestxray14_labels():
         "/no/images", split=None, labels_csv=xray_tools_data("Data_Entry_2017_v2020.csv.gz"), check_images=False
     )
     assert len(ds) == 112_120
-    positives = dict(zip(LABEL_NAMES["chestxray14"], np.asarray(ds["labels"]).sum(axis=0).tolist()))
+    positives = dict(zip(DATASETS["chestxray14"].label_names, np.asarray(ds["labels"]).sum(axis=0).tolist()))
     # The published per-finding counts of ChestX-ray14.
     assert positives["Infiltration"] == 19_894 and positives["Effusion"] == 13_317 and positives["Hernia"] == 227
     assert len(set(ds["patient_id"])) == 30_805
@@ -640,7 +640,7 @@ def test_real_chexpert_labels():
     assert len(ds) == 223_414
     assert ds[0]["image"] == "/no/images/train/patient00001/study1/view1_frontal.jpg"
     labels = np.asarray(ds["labels"])
-    effusion = LABEL_NAMES["chexpert"].index("Pleural Effusion")
+    effusion = DATASETS["chexpert"].label_names.index("Pleural Effusion")
     assert int((labels[:, effusion] == 1).sum()) == 86_187
     assert int(np.isnan(labels[:, effusion]).sum()) == 11_628  # the uncertain ones, ignored
     assert len(rd.chexpert("/no/images", labels_csv=csv, frontal_only=True, check_images=False)) == 191_027

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 import evaluate_radz
 from radz.baselines import parse_answer, select_rows, vqa_training_items
 from radz.baselines.vqa import answer_metrics
-from radz.datasets import LABEL_NAMES
+from radz.datasets import DATASETS
 from radz.phantom import PHANTOM_LABELS, write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +225,7 @@ def test_vqa_scores_a_plain_llava_checkpoint(tiny_model, phantom_dir, tmp_path):
 
 # -- datasets: CheXpert uncertain labels, knee KL grades -------------------------------------------------------------
 
-CHEXPERT_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(LABEL_NAMES["chexpert"])
+CHEXPERT_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(DATASETS["chexpert"].label_names)
 
 
 def write_image(path: Path, seed: int) -> None:
@@ -238,7 +238,7 @@ def write_image(path: Path, seed: int) -> None:
 def chexpert_dir(tmp_path):
     """CheXpert-v1.0-small/valid.csv: Cardiomegaly 1, 0, -1, -1, blank, 1; Edema -1 on the first row only."""
     root = tmp_path / "CheXpert-v1.0-small"
-    column = {name: i for i, name in enumerate(LABEL_NAMES["chexpert"])}
+    column = {name: i for i, name in enumerate(DATASETS["chexpert"].label_names)}
     cardiomegaly = ["1.0", "0.0", "-1.0", "-1.0", "", "1.0"]
     lines = [CHEXPERT_HEADER]
     for row, value in enumerate(cardiomegaly):

@@ -267,13 +267,13 @@ def _tiny_trainer(data, output_dir, model, processor, dataset, label_names, step
 
 
 def test_lora_trains_adapter_projector_heads_and_token_rows_only(data, tmp_path, tiny_model, caplog):
-    from radz.training import DataArguments, ModelArguments, load_split, merged_model, prepare_for_training
+    from radz.training import DataArguments, ModelArguments, load_training_data, merged_model, prepare_for_training
 
     model, processor = tiny_model
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     peft_model = prepare_for_training(model, ModelArguments(config="tiny", lora_r=4, lora_dropout=0.0))
     args = DataArguments(train_file=str(data["train"]), label_columns=",".join(LABELS))
-    dataset, label_names = load_split(args, "train")
+    dataset, label_names = load_training_data(args, "train")
     # One corrupt image among 24: skipped with a warning naming it, and the run goes on.
     corrupt = data["root"] / "img" / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
@@ -401,33 +401,33 @@ def test_balanced_sampler_gives_even_class_counts_per_epoch():
 
 
 def test_balance_classes_flag_uses_the_balanced_sampler(data, tmp_path, tiny_model):
-    from radz.training import BalancedClassSampler, DataArguments, RadZTrainer, RadZTrainingArguments, load_split
+    from radz.training import BalancedClassSampler, DataArguments, RadZTrainer, RadZTrainingArguments, load_training_data
 
     model, processor = tiny_model
-    dataset, _ = load_split(DataArguments(train_file=str(data["train"]), label_columns=",".join(LABELS)), "train")
+    dataset, _ = load_training_data(DataArguments(train_file=str(data["train"]), label_columns=",".join(LABELS)), "train")
     args = RadZTrainingArguments(output_dir=str(tmp_path), balance_classes=True, use_cpu=True, report_to="none")
     sampler = RadZTrainer(model=model, args=args, train_dataset=dataset)._get_train_sampler()
     assert isinstance(sampler, BalancedClassSampler) and len(sampler) == len(dataset)
 
 
 def test_load_split_reads_csv_label_columns_and_jsonl_label_lists(tmp_path):
-    from radz.training import DataArguments, load_split
+    from radz.training import DataArguments, load_training_data
 
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "data.csv").write_text("path,text,Effusion,Edema\na.png,some report,1,\n/abs/b.png,,0,-1\n")
     args = DataArguments(train_file=str(tmp_path / "data.csv"), image_column="path", report_column="text",
                          label_columns="Effusion,Edema")  # fmt: skip
-    ds, names = load_split(args, "train")
+    ds, names = load_training_data(args, "train")
     assert names == ["Effusion", "Edema"]
     assert ds["image"] == [str(tmp_path / "a.png"), "/abs/b.png"]
     assert ds["report"] == ["some report", ""]
     np.testing.assert_array_equal(np.array(ds["labels"]), [[1, np.nan], [0, np.nan]])
 
     (tmp_path / "data.jsonl").write_text(json.dumps({"image": "a.png", "report": "r", "labels": [1, None]}) + "\n")
-    ds, names = load_split(DataArguments(train_file=str(tmp_path / "data.jsonl"), class_names="A,B"), "train")
+    ds, names = load_training_data(DataArguments(train_file=str(tmp_path / "data.jsonl"), class_names="A,B"), "train")
     assert names == ["A", "B"] and np.isnan(ds["labels"][0][1])
     with pytest.raises(ValueError, match="--class_names"):
-        load_split(DataArguments(train_file=str(tmp_path / "data.jsonl")), "train")
+        load_training_data(DataArguments(train_file=str(tmp_path / "data.jsonl")), "train")
 
 
 def test_generate_knowledge_subcommand_dispatches(monkeypatch):

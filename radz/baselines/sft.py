@@ -24,7 +24,10 @@ import torch
 
 from radz.training.lora import lora_target_regex
 
-from .base import LoadedCheckpoint, model_fingerprint, pixel_values, select_rows, settings_key, training_data_key
+from radz.checkpoints import LoadedCheckpoint
+from radz.evaluation.scorer import model_fingerprint, settings_key
+
+from .base import pixel_values, select_rows, training_data_key
 from .vqa import DEFAULT_QUESTION, VQAPrompt, VQAScorer
 
 logger = logging.getLogger(__name__)

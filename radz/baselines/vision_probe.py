@@ -18,7 +18,10 @@ import torch
 from safetensors.numpy import save_file
 from sklearn.linear_model import LogisticRegression
 
-from .base import LoadedCheckpoint, Scorer, pixel_values, select_rows, training_data_key
+from radz.checkpoints import LoadedCheckpoint
+from radz.evaluation.scorer import Scorer
+
+from .base import pixel_values, select_rows, training_data_key
 
 logger = logging.getLogger(__name__)
 POOLINGS = ("cls", "mean")

@@ -14,7 +14,10 @@ import jinja2
 import numpy as np
 import torch
 
-from .base import LoadedCheckpoint, Scorer, pixel_values
+from radz.checkpoints import LoadedCheckpoint
+from radz.evaluation.scorer import Scorer
+
+from .base import pixel_values
 
 DEFAULT_QUESTION = "Does this chest X-ray show {}? Answer yes or no."
 KNEE_QUESTION = "Does this knee X-ray show {}? Answer yes or no."
@@ -151,6 +154,9 @@ class VQAScorer(Scorer):
             texts = tokenizer.batch_decode(generated.sequences[:, input_ids.shape[1] :], skip_special_tokens=True)
             answers[:, column] = [parse_answer(text) for text in texts]
         return {"score": scores, "answer": answers}
+
+    def output_metrics(self, outputs, label_matrix, label_names) -> dict:
+        return {"generated_answers": answer_metrics(outputs["answer"], label_matrix, label_names)}
 
 
 def answer_metrics(answers: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:

@@ -143,6 +143,26 @@ def uncertain_to(values: np.ndarray, uncertain: str) -> np.ndarray:
     return out
 
 
+# The one table of label codes of free-form tables (the generic reader, training files): every spelling of 1, 0 and
+# blank, and CheXpert's -1 ("uncertain"), which is unknown here (NaN) as `uncertain="ignore"` makes it for CheXpert.
+LABEL_CODES = {
+    "1": 1.0, "1.0": 1.0, "true": 1.0,
+    "0": 0.0, "0.0": 0.0, "false": 0.0,
+    "": np.nan, "nan": np.nan, "none": np.nan, "-1": np.nan, "-1.0": np.nan,
+}  # fmt: skip
+
+
+def label_codes(values: Sequence, where: str) -> np.ndarray:
+    """Label values (numbers, booleans, their strings, None/NaN) -> float32 1/0/NaN through `LABEL_CODES`;
+    anything else raises a ValueError naming `where` (the file and the column) and the bad values."""
+    text = pd.Series(values, dtype=object)
+    text = text.where(text.notna(), "").astype(str).str.strip().str.lower()
+    bad = sorted(set(text) - LABEL_CODES.keys())
+    if bad:
+        raise ValueError(f"{where}: labels must be 1, 0, -1 (uncertain) or blank; found {bad[:5]}")
+    return text.map(LABEL_CODES).to_numpy(np.float32)
+
+
 def handle_missing(frame: pd.DataFrame, path_columns: Sequence[str], on_missing: str, dataset: str) -> pd.DataFrame:
     """Check that the files named in ``path_columns`` exist.
 

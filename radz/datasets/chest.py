@@ -197,18 +197,21 @@ def chestxray14(
     ``Finding Labels`` is ``|``-joined (``No Finding`` for none); images are looked up by name in
     ``images*/`` and ``images_*/images/`` (the official tarballs unpack either way).
     Labels: :data:`NIH_LABELS`, 1/0 (the labels are mined from reports; none is marked uncertain).
-    Split: "train" -> names in ``train_val_list.txt`` (the official list has no separate val),
-    "test" -> ``test_list.txt``, None / "all" -> every row.
+    Split: "train" -> names in ``train_val_list.txt``, "test" -> ``test_list.txt``, None / "all" -> every row.
+    The official lists have no validation part: "val" is :data:`NIH_VALIDATION`, a deterministic subset of
+    ``train_val_list.txt`` that takes whole patients (:func:`validation_patients`).
     """
     data_dir = absolute_path(data_dir)
     labels_csv = labels_csv or find_file(data_dir, "Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
     columns = ["Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"]
     table = read_table(labels_csv, columns, "ChestX-ray14 label file")
     if split not in (None, "all"):
-        lists = {"train": "train_val_list.txt", "test": "test_list.txt"}
+        lists = {"train": "train_val_list.txt", "val": "train_val_list.txt", "test": "test_list.txt"}
         if split not in lists:
             raise ValueError(f"chestxray14 split must be one of {list(lists)}, None or 'all'; got {split!r}")
         table = table[table["Image Index"].isin(read_split_list(data_dir / lists[split], "chestxray14"))]
+        if split == "val":
+            table = table[table["Patient ID"].isin(validation_patients(table["Patient ID"]))]
 
     index: dict[str, Path] = {}
     for folder in sorted(data_dir.glob("images*")):
@@ -234,6 +237,22 @@ def chestxray14(
         }
     )
     return build_dataset(frame, label_matrix, "chestxray14", NIH_LABELS, "multilabel")
+
+
+# How the "val" split of ChestX-ray14 is made; evaluation reports name it.
+NIH_VALIDATION_FRACTION = 0.1
+NIH_VALIDATION = (
+    f"a deterministic {NIH_VALIDATION_FRACTION:.0%} of the patients of train_val_list.txt, all their images "
+    "(the official lists have no validation part)"
+)
+
+
+def validation_patients(patient_ids, fraction: float = NIH_VALIDATION_FRACTION, seed: int = 0) -> set:
+    """A deterministic `fraction` (at least one) of the distinct `patient_ids`: a seeded permutation of their sorted
+    list, so that the same training list always gives the same patients, and a patient is in or out as a whole."""
+    patients = np.array(sorted(set(patient_ids)))
+    count = max(1, round(fraction * len(patients))) if len(patients) else 0
+    return set(np.random.default_rng(seed).permutation(patients)[:count].tolist())
 
 
 def chexpert(

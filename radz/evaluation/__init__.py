@@ -16,12 +16,20 @@ from .harness import summary_auc
 from .methods import METHODS
 from .methods import EvaluationError
 from .methods import RadZScorer
+from .methods import register_method
+from .scorer import Scorer
+from .scorer import model_fingerprint
+from .scorer import settings_key
 
 __all__ = [
     "EvaluationConfig",
     "EvaluationError",
     "METHODS",
     "RadZScorer",
+    "Scorer",
+    "model_fingerprint",
+    "register_method",
+    "settings_key",
     "read_metrics",
     "run_evaluation",
     "summary_auc",

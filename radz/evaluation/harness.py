@@ -30,28 +30,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from radz.baselines.base import default_device, model_fingerprint, settings_key
-from radz.baselines.vqa import answer_metrics
-from radz.datasets import dataset_metadata, load_dataset_by_name
+from radz.datasets import DATASETS, dataset_metadata, load_split
 
-from .metrics import _SUMMARY_AUC_KEY as SUMMARY_AUC
-from .metrics import ORACLE_CAPTION, PROTOCOLS, compute_metrics, thresholds_for_protocol
-from .methods import TRAINED_METHODS, EvaluationError, build_scorer
+from .methods import METHODS, EvaluationError, build_scorer
+from .metrics import ORACLE_CAPTION, PROTOCOLS, SUMMARY_AUC_KEY, ThresholdChoice, compute_metrics
+from .metrics import thresholds_for_protocol
 from .outputs import compute_record, prediction_columns, write_json, write_run_outputs
+from .scorer import default_device, model_fingerprint, settings_key
 
-# The validation split of each reader, where its format has one (None: a single labelled set, or no such split).
-DEFAULT_VALIDATION_SPLIT = {
-    "mimic_cxr": "validate",
-    "chexpert": "valid",
-    "covidx": "val",
-    "knee_kl": "val",
-    "generic": "validation",
-    "chestxray14": None,
-    "rsna_pneumonia": None,
-    "siim_pneumothorax": None,
-    "iu_xray": None,
-}
-TABLE_SUFFIXES = (".jsonl", ".csv", ".parquet", ".csv.gz")
+# The threshold protocol of a run that asked for validation thresholds on a dataset without a validation split.
+NO_VALIDATION = "none: no validation split, so no F1/ACC thresholds (AUC needs none)"
 
 
 @dataclass
@@ -68,7 +56,7 @@ class EvaluationConfig:
     use_knowledge: bool = True
     method: str = "radz"
     threshold_protocol: str = "validation"
-    validation_split: str | None = None  # None: the reader's own (DEFAULT_VALIDATION_SPLIT)
+    validation_split: str | None = None  # None: the dataset's own (radz.datasets.DATASETS)
     train_split: str = "train"
     bootstrap: int = 0
     templates: list[str] | None = None
@@ -126,49 +114,23 @@ class EvalData:
         return self.label_matrix[:, 0] if self.task == "binary" else self.label_matrix
 
     def head(self, limit: int | None) -> "EvalData":
-        if limit is None:
-            return self
-        return EvalData(self.dataset, self.split, self.images[:limit], self.label_matrix[:limit], self.label_names,
-                        self.task)
+        return self if limit is None else self.rows(slice(limit))
+
+    def without(self, images) -> "EvalData":
+        """The rows whose image is not in `images`."""
+        excluded = set(images)
+        return self.rows([index for index, image in enumerate(self.images) if image not in excluded])
+
+    def rows(self, index) -> "EvalData":
+        images = np.asarray(self.images, dtype=object)[index].tolist()
+        return EvalData(self.dataset, self.split, images, self.label_matrix[index], self.label_names, self.task)
 
 
-def _generic_source(data_dir: Path, split: str, labels: list[str] | None, whole_folder: bool) -> tuple[str, dict]:
-    """Where the generic reader reads `split` from, and its label columns.
-
-    - a folder holding `<split>.jsonl|csv|parquet` (the phantom layout) reads that file, with the label columns from
-      `labels` or the folder's `label_names.json`;
-    - an image folder reads `<split>/<class>/`; the class folders directly under it only for the evaluated split
-      (`whole_folder`), never as a validation split (that would choose thresholds on the test images);
-    - a table file goes to the reader as it is (its `split` column, if any, picks the rows).
-    """
-    if not data_dir.is_dir():
-        return str(data_dir), {"label_columns": labels or [], "split": split}
-    table = next((data_dir / f"{split}{s}" for s in TABLE_SUFFIXES if (data_dir / f"{split}{s}").is_file()), None)
-    if table is not None:
-        names_file = data_dir / "label_names.json"
-        if labels is None and names_file.is_file():
-            labels = json.loads(names_file.read_text())
-        if not labels:
-            raise EvaluationError(f"{table}: name the label columns with --labels (no label_names.json)")
-        return str(table), {"label_columns": labels, "split": None}
-    if any(next(data_dir.glob(f"*{suffix}"), None) for suffix in TABLE_SUFFIXES):
-        raise FileNotFoundError(f"{data_dir}: no {split}.jsonl / .csv / .parquet")
-    if not (data_dir / split).is_dir() and not whole_folder:
-        raise FileNotFoundError(f"{data_dir}: no {split}/ folder")
-    return str(data_dir), {"split": split}
-
-
-def load_split(config: EvaluationConfig, split: str) -> EvalData:
-    """Read one split with the config's reader and keep the requested labels (all of them by default)."""
-    data_dir = Path(config.data_dir)
-    kwargs = dict(config.reader_kwargs)
-    source = str(data_dir)
-    if config.dataset == "generic":
-        source, extra = _generic_source(data_dir, split, config.labels, whole_folder=split == config.split)
-        kwargs.update(extra)
-        ds = load_dataset_by_name("generic", source, **kwargs)
-    else:
-        ds = load_dataset_by_name(config.dataset, source, split=split, **kwargs)
+def load_eval_data(config: EvaluationConfig, split: str) -> EvalData:
+    """Read one split with `radz.datasets.load_split` and keep the requested labels (all of them by default)."""
+    # A generic image folder's class folders stand for the evaluated split only, never for the validation split.
+    ds = load_split(config.dataset, config.data_dir, split, labels=config.labels, whole_folder=split == config.split,
+                    **config.reader_kwargs)  # fmt: skip
     meta = dataset_metadata(ds)
     names, task = list(meta["label_names"]), meta["task"]
     matrix = np.asarray(ds["labels"], dtype=np.float64).reshape(len(ds), len(names))
@@ -183,29 +145,40 @@ def load_split(config: EvaluationConfig, split: str) -> EvalData:
         if task == "multilabel" and len(names) == 1:
             task = "binary"
     if len(ds) == 0:
-        raise EvaluationError(f"{config.dataset} split {split!r} at {source} holds no images")
+        raise EvaluationError(f"{config.dataset} split {split!r} at {config.data_dir} holds no images")
     return EvalData(meta["dataset"], split, list(ds["image"]), matrix, names, task)
 
 
-def load_validation(config: EvaluationConfig, task: str) -> EvalData | None:
-    """The validation split for the `validation` protocol; None when no thresholds are needed.
+def validation_split(config: EvaluationConfig) -> tuple[str | None, str]:
+    """The validation split that chooses thresholds, and how it is made when it is not an official one: an explicit
+    `--validation_split` wins, else the dataset's own (`DATASETS`); None where the dataset has none."""
+    if config.validation_split is not None:
+        return config.validation_split, ""
+    spec = DATASETS[config.dataset]
+    return spec.validation_split, spec.validation_note
 
-    A dataset without one is an error that says so: the run falls back to `fixed` or `oracle` only when asked.
+
+def load_validation(config: EvaluationConfig, task: str) -> EvalData | None:
+    """The validation split for the `validation` protocol; None when no thresholds are needed, or when the dataset
+    has no validation split (then AUC alone is reported: it needs no threshold).
+
+    A validation split that is named but cannot be read is an error that says so: the run falls back to `fixed` or
+    `oracle` only when asked.
     """
     if config.threshold_protocol != "validation" or task == "multiclass":
         return None
-    split = config.validation_split or DEFAULT_VALIDATION_SPLIT.get(config.dataset)
+    split, _ = validation_split(config)
     advice = (
         "pass --validation_split NAME, or choose another protocol explicitly: --threshold_protocol fixed (0.5) or "
         "--threshold_protocol oracle (thresholds on the test labels, reported as oracle)"
     )
     if split is None:
-        raise EvaluationError(f"{config.dataset} has no validation split to choose thresholds on; {advice}")
+        return None
     if split == config.split:
         raise EvaluationError(f"the validation split {split!r} is the evaluated split: thresholds would be oracle; "
                               f"{advice}")
     try:
-        return load_split(config, split).head(config.limit)
+        return load_eval_data(config, split).head(config.limit)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, EvaluationError):
             raise
@@ -297,23 +270,27 @@ def evaluate_scores(task, scores, test: EvalData, protocol: str, val_scores=None
     """Metrics of `scores` on `test` under a threshold protocol.
 
     `validation` passes the validation scores and labels only: the test labels are not handed to the threshold
-    choice at all. Multi-class sets predict the argmax and need no thresholds.
+    choice at all. Multi-class sets predict the argmax and need no thresholds. `validation` without a validation
+    split (`val` None) reports AUC alone: the thresholds are NaN, so F1/ACC are NaN.
     """
     if task == "multiclass":
         return compute_metrics(task, scores, test.targets, test.label_names, n_boot=n_boot, seed=seed)
-    choice = thresholds_for_protocol(
-        protocol,
-        test_scores=scores,
-        test_labels=test.label_matrix if protocol == "oracle" else None,
-        val_scores=val_scores,
-        val_labels=None if val is None else val.label_matrix,
-    )
+    if protocol == "validation" and val is None:
+        choice = ThresholdChoice(np.full(len(test.label_names), np.nan), NO_VALIDATION)
+    else:
+        choice = thresholds_for_protocol(
+            protocol,
+            test_scores=scores,
+            test_labels=test.label_matrix if protocol == "oracle" else None,
+            val_scores=val_scores,
+            val_labels=None if val is None else val.label_matrix,
+        )
     return compute_metrics(task, scores, test.targets, test.label_names, thresholds=choice, n_boot=n_boot, seed=seed)
 
 
 def summary_auc(metrics: dict) -> float:
     """The one AUC a table compares: macro (multi-label), the AUC (binary) or one-vs-rest macro (multi-class)."""
-    return metrics[SUMMARY_AUC[metrics["task"]]]
+    return metrics[SUMMARY_AUC_KEY[metrics["task"]]]
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -340,15 +317,18 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    test = load_split(config, config.split).head(config.limit)
+    test = load_eval_data(config, config.split).head(config.limit)
     if config.multi_label is None:
         config.multi_label = test.task != "multiclass"
     if test.task == "binary" and config.method == "radz" and not config.multi_label:
         raise EvaluationError("a binary set has one label: a softmax over it is always 1; use --multi_label")
     validation = load_validation(config, test.task)
-    train = load_split(config, config.train_split) if config.method in TRAINED_METHODS else None
+    method = METHODS.get(config.method)
+    train = load_eval_data(config, config.train_split) if method is not None and method.trained else None
     if train is not None and train.label_names != test.label_names:
         raise EvaluationError(f"train labels {train.label_names} differ from test labels {test.label_names}")
+    if train is not None and validation is not None:
+        train = train.without(validation.images)  # a validation split made from the training list (ChestX-ray14)
     scorer = build_scorer(config, train)
     _check_config(config, scorer)
 
@@ -359,6 +339,7 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         "data_dir": str(config.data_dir),
         "split": config.split,
         "validation_split": None if validation is None else validation.split,
+        "validation_note": _validation_note(config, validation, test.task),
         "task": test.task,
         "label_names": test.label_names,
         "n_images": len(test.images),
@@ -374,6 +355,16 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     if not config.templates:
         return runs[0]
     return _write_sensitivity(config, base, runs, started)
+
+
+def _validation_note(config: EvaluationConfig, validation: EvalData | None, task: str) -> str:
+    """What the report says about the split that chose the thresholds, when there is something to say."""
+    if config.threshold_protocol != "validation" or task == "multiclass":
+        return ""
+    if validation is None:
+        return f"{config.dataset} has no validation split: {NO_VALIDATION}; pass --validation_split NAME to choose one"
+    note = validation_split(config)[1]
+    return f"thresholds chosen on the validation split {validation.split!r}" + (f": {note}" if note else "")
 
 
 def _evaluate_template(config, scorer, test, validation, out_dir, base, started) -> dict:
@@ -395,8 +386,7 @@ def _evaluate_template(config, scorer, test, validation, out_dir, base, started)
     metrics = evaluate_scores(test.task, outputs["score"], test, config.threshold_protocol, val_scores, validation,
                               config.bootstrap, config.seed)
     record = {**base, "template": scorer.template, "settings": scorer.settings(), "method_summary": scorer.summary()}
-    if "answer" in outputs:
-        record["generated_answers"] = answer_metrics(outputs["answer"], test.label_matrix, test.label_names)
+    record.update(scorer.output_metrics(outputs, test.label_matrix, test.label_names))
     record["compute"] = compute_record(stats, started)
     text = write_run_outputs(out_dir, record, metrics, test, outputs)
     return json.loads((out_dir / "metrics.json").read_text()) | {"report_text": text}
@@ -409,7 +399,7 @@ def _write_sensitivity(config, base, runs, started) -> dict:
     finite = values[np.isfinite(values)]
     sensitivity = {
         "templates": [run["template"] for run in runs],
-        "summary_auc_key": SUMMARY_AUC[base["task"]],
+        "summary_auc_key": SUMMARY_AUC_KEY[base["task"]],
         "summary_auc": values.tolist(),
         "mean": float(finite.mean()) if finite.size else None,
         "std": float(finite.std(ddof=1)) if finite.size > 1 else None,  # sample std across templates

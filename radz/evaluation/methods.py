@@ -1,19 +1,38 @@
-"""The scoring methods of `evaluate_radz.py --method`, built from one evaluation config.
+"""The scoring methods of `evaluate_radz.py --method`: a registry of builders, each making a `Scorer` from one
+evaluation config.
 
-`radz` is LLaVA-RadZ through its zero-shot pipeline; the baselines (`vqa`, `vision_probe`, `sft`) live in
-`radz.baselines`. Every method is a `radz.baselines.Scorer`, so the harness runs them through the same loop.
+`radz` is LLaVA-RadZ through its zero-shot pipeline, registered here. The baselines (`vqa`, `vision_probe`, `sft`)
+live in `radz.baselines`, which imports this module and registers them when it is imported: evaluation owns the
+protocol and never imports a baseline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from transformers import AutoConfig, pipeline
 
-from radz.baselines import Scorer, SFTScorer, VisionProbeScorer, VQAScorer, default_question, load_checkpoint
+from .scorer import Scorer
 
 TASK = "zero-shot-image-classification"
-METHODS = ("radz", "vqa", "vision_probe", "sft")
-TRAINED_METHODS = ("vision_probe", "sft")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to build a method's scorer: `build(config, train)`; `trained` methods get the training split."""
+
+    build: Callable
+    trained: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, build: Callable, trained: bool = False) -> None:
+    """Make `evaluate_radz.py --method name` build its scorer with `build(config, train)`."""
+    METHODS[name] = Method(build, trained)
 
 
 class EvaluationError(ValueError):
@@ -68,49 +87,16 @@ class RadZScorer(Scorer):
 
 def build_scorer(config, train=None) -> Scorer:
     """The `config.method` scorer. `train` (an `EvalData` of the training split) is needed by the trained methods."""
-    if config.method == "radz":
-        return RadZScorer(config.model, config.multi_label, config.use_knowledge, config.batch_size, config.device)
     if config.method not in METHODS:
-        raise EvaluationError(f"unknown method {config.method!r}; choose one of {METHODS}")
-    checkpoint = load_checkpoint(config.model, config.device)
-    # The question asked: the first template, else the dataset's default. sft trains on it once; further
-    # --templates only vary the question at scoring time.
-    question = (config.templates or [default_question(config.dataset)])[0]
-    if config.method == "vqa":
-        return VQAScorer(checkpoint, question=question, max_new_tokens=config.max_new_tokens)
-    if train is None:
-        raise EvaluationError(f"--method {config.method} trains on the training split, which was not loaded")
-    if config.method == "vision_probe":
-        return VisionProbeScorer(
-            checkpoint,
-            train.images,
-            train.label_matrix,
-            train.label_names,
-            train.task,
-            pooling=config.probe_pooling,
-            shots=config.shots,
-            balance_classes=config.balance_classes,
-            seed=config.seed,
-            C=config.probe_C,
-            batch_size=config.batch_size,
-            save_path=config.output_dir / "vision_probe.safetensors",
+        raise EvaluationError(
+            f"unknown method {config.method!r}; registered: {list(METHODS)} (importing radz.baselines registers "
+            "vqa, vision_probe and sft)"
         )
-    return SFTScorer(
-        checkpoint,
-        train.images,
-        train.label_matrix,
-        train.label_names,
-        output_dir=config.output_dir / "sft_adapter",
-        question=question,
-        shots=config.shots,
-        balance_classes=config.balance_classes,
-        max_samples=config.sft_max_samples,
-        seed=config.seed,
-        steps=config.sft_steps,
-        epochs=config.sft_epochs,
-        batch_size=config.sft_batch_size,
-        learning_rate=config.sft_learning_rate,
-        lora_r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        max_new_tokens=config.max_new_tokens,
-    )
+    return METHODS[config.method].build(config, train)
+
+
+def build_radz(config, train=None) -> RadZScorer:
+    return RadZScorer(config.model, config.multi_label, config.use_knowledge, config.batch_size, config.device)
+
+
+register_method("radz", build_radz)

