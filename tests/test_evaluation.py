@@ -408,3 +408,60 @@ def test_compare_methods_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys)
     summary = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert summary["synthetic"] is True and len(summary["rows"]) == 4
     assert "Method comparison on SYNTHETIC phantom data" in capsys.readouterr().out
+
+
+# -- official layouts without a validation part ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nih_dir(tmp_path):
+    """A small ChestX-ray14 folder in the official layout: the first 80 rows of the real Data_Entry_2017_v2020.csv
+    (torchxrayvision ships it), their images, and official-style lists: the last 3 patients are the test list."""
+    spec = importlib.util.find_spec("torchxrayvision")
+    source = Path(spec.submodule_search_locations[0]) / "data" / "Data_Entry_2017_v2020.csv.gz" if spec else None
+    if source is None or not source.is_file():
+        pytest.skip("torchxrayvision's Data_Entry_2017_v2020.csv.gz is not installed")
+    entries = pd.read_csv(source, nrows=80)
+    entries.to_csv(tmp_path / "Data_Entry_2017_v2020.csv", index=False)
+    rng = np.random.default_rng(0)
+    for name in entries["Image Index"]:
+        (tmp_path / "images_001" / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(tmp_path / "images_001/images" / name)
+    test_patients = sorted(set(entries["Patient ID"]))[-3:]
+    test = entries["Patient ID"].isin(test_patients)
+    (tmp_path / "train_val_list.txt").write_text("\n".join(entries.loc[~test, "Image Index"]) + "\n")
+    (tmp_path / "test_list.txt").write_text("\n".join(entries.loc[test, "Image Index"]) + "\n")
+    return tmp_path
+
+
+def test_chestxray14_official_lists_get_a_patient_disjoint_validation_split(tiny_checkpoint, nih_dir, tmp_path):
+    from radz.datasets import chestxray14
+
+    train_val, val = chestxray14(nih_dir, split="train"), chestxray14(nih_dir, split="val")
+    assert set(val["image"]) < set(train_val["image"]) and len(val) > 0
+    rest = [p for p, image in zip(train_val["patient_id"], train_val["image"]) if image not in set(val["image"])]
+    assert not set(val["patient_id"]) & set(rest)  # whole patients
+    assert chestxray14(nih_dir, split="val")["image"] == val["image"]  # deterministic
+
+    labels = "Cardiomegaly,Effusion,Pneumothorax"
+    record = run(tiny_checkpoint, nih_dir, tmp_path / "out", "--labels", labels, dataset="chestxray14")
+    assert record["validation_split"] == "val" and record["threshold_protocol"].startswith("validation")
+    assert "patients of train_val_list.txt" in record["validation_note"]
+    assert "patients of train_val_list.txt" in (tmp_path / "out" / "report.md").read_text()
+    assert "auc_macro" in record["metrics"] and record["n_images"] == len(chestxray14(nih_dir, split="test"))
+    # An explicit --validation_split still wins.
+    record = run(tiny_checkpoint, nih_dir, tmp_path / "explicit", "--labels", labels, "--validation_split", "train",
+                 dataset="chestxray14")  # fmt: skip
+    assert record["validation_split"] == "train" and "official" not in record["validation_note"]
+
+
+def test_without_a_validation_split_the_auc_is_still_computed():
+    from radz.evaluation.harness import NO_VALIDATION, EvalData, evaluate_scores
+
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=np.float64)
+    scores = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.3, 0.1]])
+    test = EvalData("rsna_pneumonia", "train", ["a", "b", "c", "d"], labels, ["A", "B"], "multilabel")
+    metrics = evaluate_scores("multilabel", scores, test, "validation")
+    assert metrics["threshold_protocol"] == NO_VALIDATION
+    assert metrics["auc_macro"] == pytest.approx(1.0)
+    assert all(np.isnan(metrics["per_class"][name]["f1"]) for name in ("A", "B"))

@@ -352,3 +352,14 @@ def test_smollm2_writes_radiology_text(tmp_path):
     assert all(len(entry["descriptions"]) == 1 for entry in knowledge.values())
     text = " ".join(d for entry in knowledge.values() for d in entry["descriptions"]).lower()
     assert any(word in text for word in ("heart", "cardiac", "lung", "chest", "air", "pleural"))
+
+
+def test_checkpoints_carry_the_knowledge_module_and_match_labels_with_it(tiny_checkpoint):
+    source = (tiny_checkpoint / "knowledge_llava_radz.py").read_text()
+    assert "radz." not in source.replace("llava_radz", "")
+    code = f"""
+from transformers import AutoProcessor
+processor = AutoProcessor.from_pretrained({str(tiny_checkpoint)!r}, trust_remote_code=True)
+print(type(processor).__module__.split(".")[-1], processor.match_category("ENLARGED-heart"), processor.match_category("x"))
+"""
+    assert run_python(code).split() == ["processing_llava_radz", "Cardiomegaly", "None"]

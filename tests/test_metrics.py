@@ -22,7 +22,7 @@ from radz.evaluation import compute_metrics
 from radz.evaluation import format_report_table
 from radz.evaluation import load_metric
 from radz.evaluation import thresholds_for_protocol
-from radz.evaluation.metrics import _ResampledAUC
+from radz.evaluation.metrics import ResampledAUC
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAN = math.nan
@@ -313,7 +313,7 @@ def test_resampled_auc_equals_sklearn_with_sample_weights():
     counts = rng.integers(0, 3, size=(4, 60))
     valid = ~np.isnan(labels)
     expected = [roc_auc_score(labels[valid], scores[valid], sample_weight=row[valid]) for row in counts]
-    assert _ResampledAUC(scores, labels)(counts) == pytest.approx(expected)
+    assert ResampledAUC(scores, labels)(counts) == pytest.approx(expected)
 
 
 def test_evaluate_load_by_path_works_alone_offline(tmp_path):

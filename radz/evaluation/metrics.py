@@ -131,7 +131,7 @@ def thresholds_for_protocol(
     return ThresholdChoice(thresholds=thresholds, protocol=name)
 
 
-class _ResampledAUC:
+class ResampledAUC:
     """ROC-AUC of one class under bootstrap row counts, from one sort of its scores.
 
     A bootstrap resample is a weight (multiplicity) per row, so the AUC is the weighted Mann-Whitney statistic:
@@ -168,7 +168,7 @@ def bootstrap_auc_ci(scores, labels, n_boot: int = 1000, seed: int = 0, alpha: f
     n_rows, n_classes = scores.shape
     if n_boot < 1:
         raise ValueError("n_boot must be at least 1")
-    columns = [_ResampledAUC(scores[:, c], labels[:, c]) for c in range(n_classes)]
+    columns = [ResampledAUC(scores[:, c], labels[:, c]) for c in range(n_classes)]
     # Classes with both labels on the full data; the others have no AUC and no interval.
     defined = np.array([col.positive.any() and not col.positive.all() for col in columns])
     rng = np.random.default_rng(seed)
