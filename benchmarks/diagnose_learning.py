@@ -525,8 +525,8 @@ def child_supervised(name: str, run_dir: Path, output_dir: Path, max_steps: int,
     preset_json = str(run_dir / "preset.json")
     model, processor = build_from_preset(preset_json)
     data = output_dir / "data"
-    train, _ = load_training_data(DataArguments(train_file=str(data / "train.jsonl"), label_columns=",".join(PHANTOM_LABELS)),
-                          "train")
+    data_args = DataArguments(train_file=str(data / "train.jsonl"), label_columns=",".join(PHANTOM_LABELS))
+    train, _ = load_training_data(data_args, "train")
     collator = RadZCollator(processor, max_bad_fraction=0.05, fallback_dataset=train, seed=0)
 
     if name == "supervised_tower":

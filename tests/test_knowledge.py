@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from radz.knowledge import available_knowledge, check_labels, load_knowledge, match_category, merge_knowledge, save_knowledge
+from radz.knowledge import (
+    available_knowledge,
+    check_labels,
+    load_knowledge,
+    match_category,
+    merge_knowledge,
+    save_knowledge,
+)
 from radz.knowledge.generate import generate_knowledge, parse_descriptions
 
 from conftest import run_python
@@ -360,6 +367,7 @@ def test_checkpoints_carry_the_knowledge_module_and_match_labels_with_it(tiny_ch
     code = f"""
 from transformers import AutoProcessor
 processor = AutoProcessor.from_pretrained({str(tiny_checkpoint)!r}, trust_remote_code=True)
-print(type(processor).__module__.split(".")[-1], processor.match_category("ENLARGED-heart"), processor.match_category("x"))
+module = type(processor).__module__.split(".")[-1]
+print(module, processor.match_category("ENLARGED-heart"), processor.match_category("x"))
 """
     assert run_python(code).split() == ["processing_llava_radz", "Cardiomegaly", "None"]

@@ -220,7 +220,8 @@ def test_knowledge_changes_the_embeddings_of_known_labels_only(clf):
 
 def test_generated_knowledge_is_made_once_and_added_to_the_processor(clf, monkeypatch):
     # The untrained model writes gibberish, which parse_descriptions rejects: a fixed answer stands for a real LLM's.
-    answer = clf.tokenizer(" pleural line is seen at the apex.\n2. No lung markings lie beyond it.\n", return_tensors="pt")
+    answer = clf.tokenizer(" pleural line is seen at the apex.\n2. No lung markings lie beyond it.\n",
+                           return_tensors="pt")  # fmt: skip
     monkeypatch.setattr(clf.model, "generate", lambda input_ids, **kw: torch.cat([input_ids, answer["input_ids"]], 1))
     generate = count_calls(monkeypatch, clf.model, "generate")
     result = clf(make_image(8), candidate_labels=["Cardiomegaly", "Pneumothorax"], use_knowledge="generate")

@@ -401,10 +401,12 @@ def test_balanced_sampler_gives_even_class_counts_per_epoch():
 
 
 def test_balance_classes_flag_uses_the_balanced_sampler(data, tmp_path, tiny_model):
-    from radz.training import BalancedClassSampler, DataArguments, RadZTrainer, RadZTrainingArguments, load_training_data
+    from radz.training import BalancedClassSampler, DataArguments, RadZTrainer, RadZTrainingArguments
+    from radz.training import load_training_data
 
     model, processor = tiny_model
-    dataset, _ = load_training_data(DataArguments(train_file=str(data["train"]), label_columns=",".join(LABELS)), "train")
+    data_args = DataArguments(train_file=str(data["train"]), label_columns=",".join(LABELS))
+    dataset, _ = load_training_data(data_args, "train")
     args = RadZTrainingArguments(output_dir=str(tmp_path), balance_classes=True, use_cpu=True, report_to="none")
     sampler = RadZTrainer(model=model, args=args, train_dataset=dataset)._get_train_sampler()
     assert isinstance(sampler, BalancedClassSampler) and len(sampler) == len(dataset)
