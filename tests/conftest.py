@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,3 +66,20 @@ def run_python(code: str, cwd=None, timeout: int = 300) -> str:
     )
     assert result.returncode == 0, f"subprocess failed:\n{result.stderr[-4000:]}"
     return result.stdout
+
+
+REPORTS = [
+    "the cardiac silhouette is enlarged",
+    "blunting of the left costophrenic angle",
+    "a visceral pleural line at the right apex",
+    "patchy consolidation in the right lower lobe",
+    "a rounded nodule in the left upper zone",
+    "bilateral perihilar haze with kerley lines",
+    "plate-like opacity at the left base",
+    "the lungs are clear, no acute finding",
+]
+
+
+def random_images(count, seed=0, size=(40, 48)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]

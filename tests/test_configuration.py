@@ -32,3 +32,16 @@ def test_the_processor_takes_its_defaults_from_the_config(tiny_model):
     assert fields == {name: getattr(LlavaRadZConfig, name) for name in fields}
     # The mapping a preset built its config with is the processor's.
     assert processor.config_kwargs() == {name: getattr(model.config, name) for name in processor.config_kwargs()}
+
+
+def test_config_rejects_inconsistent_fields():
+    with pytest.raises(StrictDataclassError, match="'alignment' expected one of \\('global', 'cross'\\), got both"):
+        LlavaRadZConfig(alignment="both")
+    with pytest.raises(StrictDataclassError, match="dkam_lambda"):
+        LlavaRadZConfig(dkam_lambda=1.5)
+    with pytest.raises(StrictDataclassError, match="feature_layer=40"):
+        LlavaRadZConfig(feature_layer=40)
+    with pytest.raises(StrictDataclassError, match=r"text_prompt_template must contain \{text\}"):
+        LlavaRadZConfig(text_prompt_template="no placeholder")
+    with pytest.raises(StrictDataclassError, match="text_cls_token_ids has 2 ids but num_cls_tokens=8"):
+        LlavaRadZConfig(text_cls_token_ids=[1, 2])

@@ -16,8 +16,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, generate_uid
 
+from conftest import REPORTS, random_images
 from pipeline_llava_radz import LlavaRadZZeroShotImageClassificationPipeline
-from radiograph_llava_radz import RadiographError, load_radiograph, study_files, voi_windows
+from radiograph_llava_radz import RadiographError, load_radiograph, study_files, to_uint8, voi_windows
 
 LABELS = ["Cardiomegaly", "effusion", "pneumonia"]
 
@@ -467,3 +468,135 @@ def test_a_very_long_label_is_truncated_with_a_warning(tiny_model, caplog):
 def test_duplicate_labels_up_to_case_and_spacing_are_an_error(tiny_model, labels):
     with pytest.raises(ValueError, match=rf"duplicate: {labels[1]!r} \(item 1\) repeats {labels[0]!r} \(item 0\)"):
         pipeline(tiny_model)(np.zeros((8, 8), np.uint8), candidate_labels=labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and DICOM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_image_kind_becomes_8bit_rgb(tmp_path):
+    gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (32, 1))
+    inputs = {
+        "PIL L": Image.fromarray((gradient * 255).astype(np.uint8)),
+        "PIL RGBA": Image.fromarray((gradient * 255).astype(np.uint8)).convert("RGBA"),
+        "PIL I;16": Image.fromarray((gradient * 40000).astype(np.uint16)),
+        "uint8": (gradient * 255).astype(np.uint8),
+        "uint16": (gradient * 4095).astype(np.uint16),
+        "float": gradient,
+        "float HU": gradient * 2000 - 1000,
+        "HxWx1": (gradient * 255).astype(np.uint8)[..., None],
+    }
+    Image.fromarray((gradient * 255).astype(np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray((gradient * 255).astype(np.uint8)).save(tmp_path / "x.jpg")
+    Image.fromarray((gradient * 60000).astype(np.uint16)).save(tmp_path / "x16.png")
+    inputs.update({"png": tmp_path / "x.png", "jpeg": str(tmp_path / "x.jpg"), "png16": tmp_path / "x16.png"})
+    for name, image in inputs.items():
+        loaded = load_radiograph(image)
+        array = np.asarray(loaded)
+        assert loaded.mode == "RGB" and array.shape == (32, 64, 3), name
+        # The gradient survives: dark on the left, bright on the right, grayscale channels equal.
+        assert array[:, :4].mean() < 40 and array[:, -4:].mean() > 215, name
+        assert (array[..., 0] == array[..., 2]).all(), name
+
+
+def test_16bit_rule_uses_the_percentile_window():
+    values = np.arange(1000, dtype=np.uint16).reshape(10, 100)
+    values[0, 0] = 65535  # one hot pixel must not squash the rest
+    mapped = to_uint8(values)
+    low, high = np.percentile(values, (0.5, 99.5))
+    assert mapped.dtype == np.uint8 and mapped[5, 50] == int((550 - low) / (high - low) * 255 + 0.5)
+    assert mapped[0, 0] == 255 and mapped[0, 1] == 0
+
+
+def test_real_chest_cr_monochrome1_is_right_side_up():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("RG1_UNCR.dcm", download=False)
+    image = np.asarray(load_radiograph(path).convert("L"), dtype=float)
+    height, width = image.shape
+    assert (height, width) == (1955, 1841)
+    rows = slice(int(0.35 * height), int(0.55 * height))
+    right_lung = image[rows, int(0.2 * width) : int(0.35 * width)].mean()
+    left_lung = image[rows, int(0.65 * width) : int(0.8 * width)].mean()
+    mediastinum = image[int(0.3 * height) : int(0.6 * height), int(0.45 * width) : int(0.55 * width)].mean()
+    assert right_lung < mediastinum - 40 and left_lung < mediastinum - 40
+    # The same file as a pydicom dataset gives the same pixels.
+    import pydicom
+
+    assert np.array_equal(np.asarray(load_radiograph(pydicom.dcmread(path)).convert("L")), image.astype(np.uint8))
+
+
+@pytest.mark.parametrize("name, size", [("CT_small.dcm", (128, 128)), ("MR_small.dcm", (64, 64))])
+def test_ct_and_mr_slices_load(name, size):
+    from pydicom.data import get_testdata_file
+
+    image = load_radiograph(get_testdata_file(name))
+    array = np.asarray(image)
+    assert image.size == size and image.mode == "RGB"
+    assert array.std() > 10, "a windowed slice has contrast"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_dicom(path, with_pixels=True):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.PatientName = "Phantom^Test"
+    if with_pixels:
+        dataset.Rows, dataset.Columns = 4, 4
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
+        dataset.SamplesPerPixel, dataset.PixelRepresentation = 1, 0
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.PixelData = np.arange(16, dtype=np.uint16).tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_bad_inputs_get_errors_that_name_the_problem(tmp_path, tiny_model):
+    model, processor = tiny_model
+    with pytest.raises(TypeError, match="unsupported image type dict"):
+        load_radiograph({"not": "an image"})
+    with pytest.raises(RadiographError, match="missing.png: file not found"):
+        load_radiograph(tmp_path / "missing.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(RadiographError, match="notes.txt: not a readable image file"):
+        load_radiograph(tmp_path / "notes.txt")
+    (tmp_path / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(RadiographError, match="truncated.png"):
+        load_radiograph(tmp_path / "truncated.png")
+    (tmp_path / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x07" * 50)
+    with pytest.raises(RadiographError, match="corrupt.dcm: corrupt or unreadable DICOM"):
+        load_radiograph(tmp_path / "corrupt.dcm")
+    truncated = write_dicom(tmp_path / "truncated.dcm").read_bytes()[:-10]
+    (tmp_path / "truncated.dcm").write_bytes(truncated)
+    with pytest.raises(RadiographError, match="truncated.dcm: .*DICOM"):
+        load_radiograph(tmp_path / "truncated.dcm")
+    write_dicom(tmp_path / "no_pixels.dcm", with_pixels=False)
+    with pytest.raises(RadiographError, match="no_pixels.dcm: the DICOM has no pixel data"):
+        load_radiograph(tmp_path / "no_pixels.dcm")
+    assert np.asarray(load_radiograph(write_dicom(tmp_path / "ok.dcm"))).shape == (4, 4, 3)
+    with pytest.raises(RadiographError, match="shape"):
+        load_radiograph(np.zeros((2, 3, 4, 5), dtype=np.uint8))
+    with pytest.raises(RadiographError, match="item 1 of the batch.*missing.png"):
+        processor(images=[np.zeros((8, 8), np.uint8), tmp_path / "missing.png"])
+    with pytest.raises(TypeError, match="text item 1"):
+        processor(text=["fine", 3])
+
+    inputs = processor(images=random_images(3), text=REPORTS[:2])
+    with pytest.raises(ValueError, match="got 3 images and 2 texts"):
+        model(**inputs, return_loss=True)
+    broken = dict(processor(text=REPORTS[:2]))
+    broken["input_ids"] = broken["input_ids"][:, :-1]
+    broken["attention_mask"] = broken["attention_mask"][:, :-1]
+    with pytest.raises(ValueError, match="text pass: row 1 holds 3 special tokens, expected 4"):
+        model.get_text_features(**broken)

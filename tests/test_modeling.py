@@ -1,10 +1,7 @@
-"""Core package: config, DFAT model, processor, image/DICOM input, Auto loading, from_llava."""
+"""modeling_llava_radz.py: the DFAT model, its losses, save and reload in a fresh process, and from_llava."""
 
-import numpy as np
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from PIL import Image
 from safetensors.torch import save_file
 from transformers import (
     CLIPImageProcessorPil,
@@ -15,28 +12,10 @@ from transformers import (
     LlavaProcessor,
 )
 
-from conftest import run_python
-from configuration_llava_radz import LlavaRadZConfig
+from conftest import REPORTS, random_images, run_python
 from modeling_llava_radz import LlavaRadZForZeroShotClassification, alignment_loss, clip_loss
 from processing_llava_radz import LlavaRadZProcessor
-from radiograph_llava_radz import RadiographError, load_radiograph, to_uint8
 from radz.presets import build_tokenizer, tiny
-
-REPORTS = [
-    "the cardiac silhouette is enlarged",
-    "blunting of the left costophrenic angle",
-    "a visceral pleural line at the right apex",
-    "patchy consolidation in the right lower lobe",
-    "a rounded nodule in the left upper zone",
-    "bilateral perihilar haze with kerley lines",
-    "plate-like opacity at the left base",
-    "the lungs are clear, no acute finding",
-]
-
-
-def random_images(count, seed=0, size=(40, 48)):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
 
 
 def test_embeddings_have_the_documented_shapes_and_unit_norm(tiny_model):
@@ -57,23 +36,6 @@ def test_embeddings_have_the_documented_shapes_and_unit_norm(tiny_model):
         text = model.get_text_features(**processor(text=REPORTS[:5]))
     torch.testing.assert_close(image.embeds, out.image_embeds)
     torch.testing.assert_close(text.embeds, out.text_embeds)
-
-
-def test_processor_builds_both_prompts_with_special_tokens(tiny_model):
-    model, processor = tiny_model
-    inputs = processor(images=random_images(2), text=["short", "a much longer report about the lungs"])
-    image_ids = inputs["image_input_ids"]
-    assert (image_ids == model.config.image_token_id).sum(dim=1).tolist() == [processor.num_image_tokens] * 2
-    assert image_ids[0, -processor.num_cls_tokens :].tolist() == model.config.image_cls_token_ids
-    for row in range(2):
-        length = int(inputs["attention_mask"][row].sum())
-        tail = inputs["input_ids"][row, length - processor.num_cls_tokens : length].tolist()
-        assert tail == model.config.text_cls_token_ids
-    # Long reports are truncated, never their special tokens.
-    processor.max_text_tokens = 5
-    ids = processor(text=["word " * 200])["input_ids"][0].tolist()
-    assert ids[-processor.num_cls_tokens :] == model.config.text_cls_token_ids
-    assert len(ids) < 40
 
 
 def test_the_configured_layer_is_the_one_read(tiny_model):
@@ -277,187 +239,6 @@ def test_from_llava_rejects_a_checkpoint_that_is_not_llava(tmp_path):
         LlavaRadZForZeroShotClassification.from_llava(tmp_path / "missing")
     with pytest.raises(TypeError, match="from_llava expects"):
         LlavaRadZForZeroShotClassification.from_llava(42)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Images and DICOM
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def test_every_image_kind_becomes_8bit_rgb(tmp_path):
-    gradient = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (32, 1))
-    inputs = {
-        "PIL L": Image.fromarray((gradient * 255).astype(np.uint8)),
-        "PIL RGBA": Image.fromarray((gradient * 255).astype(np.uint8)).convert("RGBA"),
-        "PIL I;16": Image.fromarray((gradient * 40000).astype(np.uint16)),
-        "uint8": (gradient * 255).astype(np.uint8),
-        "uint16": (gradient * 4095).astype(np.uint16),
-        "float": gradient,
-        "float HU": gradient * 2000 - 1000,
-        "HxWx1": (gradient * 255).astype(np.uint8)[..., None],
-    }
-    Image.fromarray((gradient * 255).astype(np.uint8)).save(tmp_path / "x.png")
-    Image.fromarray((gradient * 255).astype(np.uint8)).save(tmp_path / "x.jpg")
-    Image.fromarray((gradient * 60000).astype(np.uint16)).save(tmp_path / "x16.png")
-    inputs.update({"png": tmp_path / "x.png", "jpeg": str(tmp_path / "x.jpg"), "png16": tmp_path / "x16.png"})
-    for name, image in inputs.items():
-        loaded = load_radiograph(image)
-        array = np.asarray(loaded)
-        assert loaded.mode == "RGB" and array.shape == (32, 64, 3), name
-        # The gradient survives: dark on the left, bright on the right, grayscale channels equal.
-        assert array[:, :4].mean() < 40 and array[:, -4:].mean() > 215, name
-        assert (array[..., 0] == array[..., 2]).all(), name
-
-
-def test_16bit_rule_uses_the_percentile_window():
-    values = np.arange(1000, dtype=np.uint16).reshape(10, 100)
-    values[0, 0] = 65535  # one hot pixel must not squash the rest
-    mapped = to_uint8(values)
-    low, high = np.percentile(values, (0.5, 99.5))
-    assert mapped.dtype == np.uint8 and mapped[5, 50] == int((550 - low) / (high - low) * 255 + 0.5)
-    assert mapped[0, 0] == 255 and mapped[0, 1] == 0
-
-
-def test_real_chest_cr_monochrome1_is_right_side_up():
-    from pydicom.data import get_testdata_file
-
-    path = get_testdata_file("RG1_UNCR.dcm", download=False)
-    image = np.asarray(load_radiograph(path).convert("L"), dtype=float)
-    height, width = image.shape
-    assert (height, width) == (1955, 1841)
-    rows = slice(int(0.35 * height), int(0.55 * height))
-    right_lung = image[rows, int(0.2 * width) : int(0.35 * width)].mean()
-    left_lung = image[rows, int(0.65 * width) : int(0.8 * width)].mean()
-    mediastinum = image[int(0.3 * height) : int(0.6 * height), int(0.45 * width) : int(0.55 * width)].mean()
-    assert right_lung < mediastinum - 40 and left_lung < mediastinum - 40
-    # The same file as a pydicom dataset gives the same pixels.
-    import pydicom
-
-    assert np.array_equal(np.asarray(load_radiograph(pydicom.dcmread(path)).convert("L")), image.astype(np.uint8))
-
-
-@pytest.mark.parametrize("name, size", [("CT_small.dcm", (128, 128)), ("MR_small.dcm", (64, 64))])
-def test_ct_and_mr_slices_load(name, size):
-    from pydicom.data import get_testdata_file
-
-    image = load_radiograph(get_testdata_file(name))
-    array = np.asarray(image)
-    assert image.size == size and image.mode == "RGB"
-    assert array.std() > 10, "a windowed slice has contrast"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bad input
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def write_dicom(path, with_pixels=True):
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    dataset.PatientName = "Phantom^Test"
-    if with_pixels:
-        dataset.Rows, dataset.Columns = 4, 4
-        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
-        dataset.SamplesPerPixel, dataset.PixelRepresentation = 1, 0
-        dataset.PhotometricInterpretation = "MONOCHROME2"
-        dataset.PixelData = np.arange(16, dtype=np.uint16).tobytes()
-    dataset.save_as(path, enforce_file_format=True)
-    return path
-
-
-def test_bad_inputs_get_errors_that_name_the_problem(tmp_path, tiny_model):
-    model, processor = tiny_model
-    with pytest.raises(TypeError, match="unsupported image type dict"):
-        load_radiograph({"not": "an image"})
-    with pytest.raises(RadiographError, match="missing.png: file not found"):
-        load_radiograph(tmp_path / "missing.png")
-    (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(RadiographError, match="notes.txt: not a readable image file"):
-        load_radiograph(tmp_path / "notes.txt")
-    (tmp_path / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    with pytest.raises(RadiographError, match="truncated.png"):
-        load_radiograph(tmp_path / "truncated.png")
-    (tmp_path / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x07" * 50)
-    with pytest.raises(RadiographError, match="corrupt.dcm: corrupt or unreadable DICOM"):
-        load_radiograph(tmp_path / "corrupt.dcm")
-    truncated = write_dicom(tmp_path / "truncated.dcm").read_bytes()[:-10]
-    (tmp_path / "truncated.dcm").write_bytes(truncated)
-    with pytest.raises(RadiographError, match="truncated.dcm: .*DICOM"):
-        load_radiograph(tmp_path / "truncated.dcm")
-    write_dicom(tmp_path / "no_pixels.dcm", with_pixels=False)
-    with pytest.raises(RadiographError, match="no_pixels.dcm: the DICOM has no pixel data"):
-        load_radiograph(tmp_path / "no_pixels.dcm")
-    assert np.asarray(load_radiograph(write_dicom(tmp_path / "ok.dcm"))).shape == (4, 4, 3)
-    with pytest.raises(RadiographError, match="shape"):
-        load_radiograph(np.zeros((2, 3, 4, 5), dtype=np.uint8))
-    with pytest.raises(RadiographError, match="item 1 of the batch.*missing.png"):
-        processor(images=[np.zeros((8, 8), np.uint8), tmp_path / "missing.png"])
-    with pytest.raises(TypeError, match="text item 1"):
-        processor(text=["fine", 3])
-
-    inputs = processor(images=random_images(3), text=REPORTS[:2])
-    with pytest.raises(ValueError, match="got 3 images and 2 texts"):
-        model(**inputs, return_loss=True)
-    broken = dict(processor(text=REPORTS[:2]))
-    broken["input_ids"] = broken["input_ids"][:, :-1]
-    broken["attention_mask"] = broken["attention_mask"][:, :-1]
-    with pytest.raises(ValueError, match="text pass: row 1 holds 3 special tokens, expected 4"):
-        model.get_text_features(**broken)
-
-
-def test_config_rejects_inconsistent_fields():
-    with pytest.raises(StrictDataclassError, match="'alignment' expected one of \\('global', 'cross'\\), got both"):
-        LlavaRadZConfig(alignment="both")
-    with pytest.raises(StrictDataclassError, match="dkam_lambda"):
-        LlavaRadZConfig(dkam_lambda=1.5)
-    with pytest.raises(StrictDataclassError, match="feature_layer=40"):
-        LlavaRadZConfig(feature_layer=40)
-    with pytest.raises(StrictDataclassError, match=r"text_prompt_template must contain \{text\}"):
-        LlavaRadZConfig(text_prompt_template="no placeholder")
-    with pytest.raises(StrictDataclassError, match="text_cls_token_ids has 2 ids but num_cls_tokens=8"):
-        LlavaRadZConfig(text_cls_token_ids=[1, 2])
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_build_from_llm_keeps_the_first_layers_of_a_pretrained_llm(tied):
-    from transformers import CLIPVisionConfig, LlamaForCausalLM
-
-    from radz.presets import build_from_llm
-
-    tokenizer = build_tokenizer()
-    vocab = len(tokenizer)
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
-            vocab_size=vocab, tie_word_embeddings=tied,
-        )
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    model, processor = build_from_llm(llm, tokenizer, vision, num_llm_layers=2, num_cls_tokens=3, projection_dim=16)
-    language_model = model.llava.model.language_model
-    assert len(language_model.layers) == 2 and model.config.text_config.num_hidden_layers == 2
-    for key, value in llm.model.state_dict().items():
-        if key.startswith("layers.2."):
-            continue
-        ours = language_model.state_dict()[key]
-        if key == "embed_tokens.weight":
-            torch.testing.assert_close(ours[: len(value)], value)
-            torch.testing.assert_close(ours[len(value) :], value.mean(0).expand(len(ours) - len(value), -1))
-        else:
-            torch.testing.assert_close(ours, value, msg=key)
-    if not tied:
-        torch.testing.assert_close(model.llava.lm_head.weight[:vocab], llm.lm_head.weight)
-    out = model(**processor(images=random_images(2), text=REPORTS[:2]), return_loss=True)
-    assert torch.isfinite(out.loss) and out.image_embeds.shape == (2, 16)
 
 
 def test_from_llava_passes_load_kwargs_and_keeps_the_dtype(tmp_path):
