@@ -60,3 +60,19 @@ def test_a_csv_with_uncertain_labels_trains_and_evaluates(tmp_path):
     # Each column has both known labels, so its AUC is defined: the NaN labels are left out, not counted as 0.
     for label in LABELS:
         assert 0.0 <= record["metrics"]["per_class"][label]["auc"] <= 1.0
+
+
+def test_a_saved_dataset_trains_with_the_labels_its_reader_named(tmp_path):
+    import datasets
+
+    csv = write_csv(tmp_path)
+    read = load_split("generic", csv, split="test", labels=LABELS)
+    datasets.DatasetDict({"train": read, "validation": read.select([0, 1])}).save_to_disk(str(tmp_path / "saved"))
+    args = DataArguments(dataset_dir=str(tmp_path / "saved"), validation_split="validation")
+    train, names = load_training_data(args, "train")
+    validation, validation_names = load_training_data(args, "validation")
+    assert names == validation_names == LABELS and train["image"] == read["image"]
+    np.testing.assert_array_equal(np.array(train["labels"], dtype=np.float32), np.array(read["labels"], np.float32))
+    assert validation["image"] == read["image"][:2]
+    with np.testing.assert_raises_regex(ValueError, "no split 'test'; it has \\['train', 'validation'\\]"):
+        load_training_data(DataArguments(dataset_dir=str(tmp_path / "saved"), validation_split="test"), "validation")

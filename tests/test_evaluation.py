@@ -465,3 +465,16 @@ def test_without_a_validation_split_the_auc_is_still_computed():
     assert metrics["threshold_protocol"] == NO_VALIDATION
     assert metrics["auc_macro"] == pytest.approx(1.0)
     assert all(np.isnan(metrics["per_class"][name]["f1"]) for name in ("A", "B"))
+
+
+def test_evaluation_imports_no_baseline_and_the_baselines_register_themselves():
+    import ast
+
+    from radz.evaluation.methods import METHODS
+
+    for path in sorted((REPO / "radz" / "evaluation").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(m.startswith("radz.baselines") for m in modules), f"{path.name}:{node.lineno}"
+    assert sorted(METHODS) == ["radz", "sft", "vision_probe", "vqa"]  # this module imported radz.baselines

@@ -5,6 +5,9 @@ Every reader returns a ``datasets.Dataset`` with ``image`` (absolute path), ``re
 ``label`` (int, multi-class sets only) and extra per-format columns; ``dataset_metadata(ds)``
 gives ``{"dataset", "label_names", "task"}``. See ``base.py`` for the shared rules.
 
+``DATASETS`` is the one registry: each dataset's reader, label names and validation split; ``load_split`` reads one
+split through it, for evaluation and training alike.
+
 >>> ds = load_split("chexpert", "/data/CheXpert-v1.0-small", split="valid", uncertain="ones")
 """
 

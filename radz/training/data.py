@@ -57,10 +57,10 @@ def load_training_data(data_args, split: str) -> tuple[datasets.Dataset | None, 
     """
     train = split == "train"
     if data_args.train_file is not None:
-        path = data_args.train_file if train else data_args.validation_file
-        if path is None:
+        source = data_args.train_file if train else data_args.validation_file
+        if source is None:
             return None, []
-        table, base_dir, label_names = read_table(path, what="data file"), Path(path).resolve().parent, []
+        table, base_dir, label_names = read_table(source, what="data file"), Path(source).resolve().parent, []
     else:
         name = data_args.train_split if train else data_args.validation_split
         if name is None:
@@ -71,17 +71,17 @@ def load_training_data(data_args, split: str) -> tuple[datasets.Dataset | None, 
             ds = ds.select_columns(["image", "report", "labels"])
             return _training_columns(ds, names, train and data_args.max_train_samples), names
         table, base_dir, label_names = _saved_table(data_args.dataset_dir, name)
+        source = f"{data_args.dataset_dir} (split {name})"
     label_columns = data_args.split_list(data_args.label_columns)
     label_names = data_args.split_list(data_args.class_names) or label_names
     if not label_columns and "labels" in table and not label_names:
         raise ValueError("the data has a `labels` list column: name its entries with --class_names")
     # A report column is required to train on; a validation table may have none (it is scored by its labels).
     report_column = data_args.report_column if train or data_args.report_column in table else None
-    check_columns(table, [data_args.image_column, *label_columns] + ([report_column] if report_column else []),
-                  data_args.train_file or data_args.dataset_dir)  # fmt: skip
+    check_columns(table, [data_args.image_column, *label_columns] + ([report_column] if report_column else []), source)
     ds = table_dataset(
         table, base_dir, data_args.image_column, report_column, label_columns,
-        label_names if "labels" in table else (), check_images=False, source=str(data_args.train_file or name),
+        label_names if "labels" in table else (), check_images=False, source=str(source),
     )  # fmt: skip
     names = list(dataset_metadata(ds)["label_names"])
     return _training_columns(ds, names, train and data_args.max_train_samples), names
