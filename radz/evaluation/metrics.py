@@ -1,6 +1,7 @@
 """Metric layer of the zero-shot evaluation harness.
 
-The numbers come from the `evaluate` module in ``metrics/radz_zero_shot`` (loaded by path, so it works offline);
+The numbers come from the `evaluate` module ``radz_zero_shot`` beside this file (package data, loaded by path, so it
+works offline and from an installed wheel);
 this file adds what the module cannot know: how F1/ACC thresholds are chosen, bootstrap confidence intervals
 for AUC, and the markdown report.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import evaluate
 import numpy as np
 
-METRIC_DIR = Path(__file__).resolve().parents[2] / "metrics" / "radz_zero_shot"
+METRIC_DIR = Path(__file__).resolve().parent / "radz_zero_shot"
 PROTOCOLS = ("validation", "fixed", "oracle")
 ORACLE_CAPTION = "oracle: thresholds chosen on test labels"
 # Where each task's summary AUC lives in the metric module's output.
@@ -36,11 +37,11 @@ class ThresholdChoice:
 
 
 def load_metric() -> evaluate.EvaluationModule:
-    """Load the ``radz_zero_shot`` metric from the repository, wherever the caller runs from."""
+    """Load the ``radz_zero_shot`` metric shipped inside the package, wherever the caller runs from."""
     if not (METRIC_DIR / "radz_zero_shot.py").is_file():
         raise FileNotFoundError(
-            f"the metric module was not found at {METRIC_DIR / 'radz_zero_shot.py'}; it lives in the repository's "
-            "metrics/ folder, so use a source checkout (pip install -e .) rather than a wheel"
+            f"the metric module was not found at {METRIC_DIR / 'radz_zero_shot.py'}; it is package data of "
+            "llava-radz: reinstall the package (pip install llava-radz)"
         )
     # In memory: no arrow cache files or file locks under HF_HOME for what is a single in-process computation.
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
