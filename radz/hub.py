@@ -15,6 +15,7 @@ Everything the card shows is kept in its YAML (`llava_radz:`), so an update rebu
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -60,8 +61,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _plain(value):
-    """A YAML-safe value: enums (the scheduler type...) and paths as text."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    """A YAML-safe value: enums (the scheduler type...) by their value, paths as text."""
+    if isinstance(value, Enum):
+        value = value.value
+    return value if value is None or type(value) in (bool, int, float, str) else str(value)
 
 
 def training_facts(directory, model_args=None, data_args=None, training_args=None) -> dict:
