@@ -246,11 +246,11 @@ def classify_real_radiograph(model_dir: Path):
     path = get_testdata_file("RG1_UNCR.dcm", download=False)
     classifier = pipeline("zero-shot-image-classification", model=str(model_dir), trust_remote_code=True)
     for multi_label in (False, True):
-        scores = classifier(path, candidate_labels=PHANTOM_LABELS, multi_label=multi_label)
+        scores = classifier(path, candidate_labels=PHANTOM_LABELS, multi_label=multi_label, return_anchors=True)
         kind = "multi-label (independent probabilities)" if multi_label else "single-label (softmax)"
         print(f"RG1_UNCR.dcm, {kind}:")
         for item in scores:
-            print(f"  {item['label']:<18} {item['score']:.3f}{'  (anchor)' if item.get('anchor') else ''}")
+            print(f"  {item['label']:<18} {item['score']:.3f}{'  (anchor)' if item['anchor'] else ''}")
     print("RG1_UNCR is a real chest CR with multiple round opacities; a model trained on phantoms is not a clinical tool.")
 
 
