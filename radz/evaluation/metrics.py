@@ -20,6 +20,7 @@ from pathlib import Path
 
 import evaluate
 import numpy as np
+from tqdm.auto import tqdm
 
 METRIC_DIR = Path(__file__).resolve().parent / "radz_zero_shot"
 PROTOCOLS = ("validation", "fixed", "oracle")
@@ -175,13 +176,15 @@ def bootstrap_auc_ci(scores, labels, n_boot: int = 1000, seed: int = 0, alpha: f
     rng = np.random.default_rng(seed)
     aucs = np.full((n_boot, n_classes), math.nan)
     chunk = max(1, 2_000_000 // n_rows)  # bounds the [chunk, N] count matrix in memory
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        rows = rng.integers(0, n_rows, size=(size, n_rows))
-        flat = (rows + n_rows * np.arange(size)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=size * n_rows).reshape(size, n_rows)
-        for c in np.flatnonzero(defined):
-            aucs[start : start + size, c] = columns[c](counts)
+    with tqdm(total=n_boot, desc="bootstrap AUC", unit="resample", leave=False) as progress:
+        for start in range(0, n_boot, chunk):
+            size = min(chunk, n_boot - start)
+            rows = rng.integers(0, n_rows, size=(size, n_rows))
+            flat = (rows + n_rows * np.arange(size)[:, None]).ravel()
+            counts = np.bincount(flat, minlength=size * n_rows).reshape(size, n_rows)
+            for c in np.flatnonzero(defined):
+                aucs[start : start + size, c] = columns[c](counts)
+            progress.update(size)
 
     def interval(samples: np.ndarray) -> tuple[float, float]:
         samples = samples[np.isfinite(samples)]

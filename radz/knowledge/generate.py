@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from processing_llava_radz import normalize_label, validate_knowledge
 
 from . import lookup
@@ -255,7 +256,7 @@ def generate_knowledge(
             return validate_knowledge(cached["knowledge"], source=str(cache_file))
 
     knowledge, answers = {}, {}
-    for category in categories:
+    for category in tqdm(categories, desc="writing DKAM knowledge", unit="category"):
         prompt = build_prompt(category, categories, num_descriptions, prompt_template, synonyms[category])
         prefix = response_prefix.format(category=category)
         text = prefix + _generate_text(
