@@ -251,7 +251,9 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         tokenizer_kwargs = dict(options["tokenizer_kwargs"] or {})
         unknown = sorted(set(tokenizer_kwargs) - set(TOKENIZER_KWARGS))
         if unknown:
-            raise TypeError(f"tokenizer_kwargs: unsupported key(s) {unknown}; the label prompts take {list(TOKENIZER_KWARGS)}")
+            raise TypeError(
+                f"tokenizer_kwargs: unsupported key(s) {unknown}; the label prompts take {list(TOKENIZER_KWARGS)}"
+            )
         max_length = tokenizer_kwargs.get("max_length")
         if max_length is not None:
             _check_count(max_length, "tokenizer_kwargs['max_length']", 1)
@@ -413,7 +415,8 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         # The key holds the descriptions themselves, so an edited knowledge base is never served stale anchors.
         knowledge = tuple(None if c is None else tuple(processor.knowledge[c]["descriptions"]) for c in categories)
         negative = spec.negative_template if spec.multi_label else None
-        key = (spec.labels, templates, spec.multi_label, negative, knowledge, processor.max_text_tokens, spec.truncation)
+        key = (spec.labels, templates, spec.multi_label, negative, knowledge, processor.max_text_tokens)
+        key += (spec.truncation,)
         if key not in self.label_cache:
             prompted = [label for label, category in zip(spec.labels, categories) if category is None]
             self._check_long_labels(processor, prompted, templates, negative, spec.truncation)

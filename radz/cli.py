@@ -95,7 +95,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     from radz.evaluation.methods import METHODS
     from radz.evaluation.metrics import PROTOCOLS
 
-    parser = argparse.ArgumentParser(prog="radz-evaluate", description=EVALUATE_DESCRIPTION, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="radz-evaluate", description=EVALUATE_DESCRIPTION, formatter_class=HelpFormatter
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--model", required=True, help="checkpoint directory (LLaVA-RadZ, or plain LLaVA for baselines)")
     data.add_argument("--dataset", required=True, choices=sorted(READERS), help="the dataset reader")

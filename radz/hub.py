@@ -87,6 +87,7 @@ def training_facts(directory, model_args=None, data_args=None, training_args=Non
         facts["global_step"] = state.get("global_step")
     knowledge = _read_json(directory / "knowledge.json")
     facts["knowledge_categories"] = sorted(knowledge)
+    facts["base_model_id"] = base_model_id(facts)  # kept: the preset file may be gone when the card is rebuilt
     return facts
 
 
@@ -109,7 +110,8 @@ def evaluation_entry(record: dict) -> dict:
     auc, f1, acc = (metrics.get(key) for key in SUMMARY_KEYS[metrics["task"]])
     settings = record.get("settings") or {}
     per_class = {
-        label: {k: values.get(k) for k in ("auc", "f1", "acc")} for label, values in metrics.get("per_class", {}).items()
+        label: {k: values.get(k) for k in ("auc", "f1", "acc")}
+        for label, values in metrics.get("per_class", {}).items()
     }
     entry = {
         "dataset": record["dataset"],
@@ -149,6 +151,7 @@ def _eval_results(model_name: str, evaluations: list[dict]) -> list[EvalResult]:
             if value is None:
                 continue
             protocol = "" if metric == "roc_auc" else f", thresholds {entry['threshold_protocol']}"
+            protocol += ", ORACLE" if entry["oracle"] and metric != "roc_auc" else ""
             results.append(
                 EvalResult(
                     task_type=TASK,
@@ -156,7 +159,7 @@ def _eval_results(model_name: str, evaluations: list[dict]) -> list[EvalResult]:
                     dataset_name=f"{entry['dataset']} ({entry['data']})",
                     dataset_split=entry["split"],
                     metric_type=metric,
-                    metric_name=f"{metric} (macro{protocol}{', ORACLE' if entry['oracle'] and metric != 'roc_auc' else ''})",
+                    metric_name=f"{metric} (macro{protocol})",
                     metric_value=round(float(value), 4),
                     metric_config=entry["name"],
                 )
@@ -167,7 +170,7 @@ def _eval_results(model_name: str, evaluations: list[dict]) -> list[EvalResult]:
 def build_model_card(model_name: str, facts: dict, evaluations: list[dict] = (), notes: list[str] = ()) -> ModelCard:
     """The `ModelCard` of a checkpoint from its training facts, its evaluations and free notes (e.g. SYNTHETIC)."""
     evaluations, notes = list(evaluations), list(notes)
-    base_model = base_model_id(facts)
+    base_model = facts.get("base_model_id")
     data = facts.get("data") or {}
     datasets = [data["dataset_name"]] if data.get("dataset_name") else [
         Path(data[key]).name for key in ("train_file", "dataset_dir") if data.get(key)
@@ -243,10 +246,10 @@ def _card_text(model_name, facts, evaluations, notes, base_model) -> list[str]:
     lines = [f"# {model_name}", ""]
     lines += [f"> **{note}**" for note in notes] + ([""] if notes else [])
     lines += [
-        "A [LLaVA-RadZ](https://arxiv.org/abs/2503.07487) zero-shot radiograph classifier trained with "
-        "[llava-radz](https://github.com/llava-radz/llava-radz): a LLaVA model (vision tower → projector → LLM) read "
-        "as a CLIP-style dual encoder through the decoder states of special tokens (DFAT), with LLM-written "
-        "disease descriptions as category anchors (DKAM).",
+        "A [LLaVA-RadZ](https://arxiv.org/abs/2503.07487) zero-shot radiograph classifier trained with the "
+        "llava-radz package: a LLaVA model (vision tower → projector → LLM) read as a CLIP-style dual encoder "
+        "through the decoder states of special tokens (DFAT), with LLM-written disease descriptions as category "
+        "anchors (DKAM).",
         "",
         "## Intended use",
         "",
@@ -281,7 +284,8 @@ def _card_text(model_name, facts, evaluations, notes, base_model) -> list[str]:
         lines.append(f"- `{key}`: `{value}`")
     categories = facts.get("knowledge_categories") or []
     if categories:
-        lines.append(f"- DKAM knowledge ({facts.get('knowledge_source') or 'knowledge.json'}): {', '.join(categories)}.")
+        source = facts.get("knowledge_source") or "knowledge.json"
+        lines.append(f"- DKAM knowledge ({source}): {', '.join(categories)}.")
     lines += ["", "## Training recipe", "", "| setting | value |", "|---|---|"]
     settings = {**config, **(facts.get("model") or {}), **(facts.get("recipe") or {})}
     if facts.get("global_step") is not None:
@@ -289,8 +293,8 @@ def _card_text(model_name, facts, evaluations, notes, base_model) -> list[str]:
     lines += [f"| {key} | `{value}` |" for key, value in settings.items()]
     lines += [
         "",
-        "Loss: λ·L_CA + (1−λ)·L_CG with λ = `dkam_lambda`; L_CA is the symmetric image–report InfoNCE, L_CG pulls "
-        "images and reports towards the anchors of their labels.",
+        "Loss: λ·L_CA + (1−λ)·L_CG with λ = `dkam_lambda`; L_CA is the symmetric image–report InfoNCE, L_CG "
+        "pulls images and reports towards the anchors of their labels.",
         "",
         "## Threshold protocol",
         "",
@@ -342,7 +346,7 @@ def checkpoint_problems(directory) -> list[str]:
         shards = set(index.get("weight_map", {}).values())
         if not shards:
             problems.append("no model.safetensors (weights are uploaded in safetensors only)")
-        problems += [f"weight shard {shard} is missing" for shard in sorted(shards) if not (directory / shard).is_file()]
+        problems += [f"weight shard {s} is missing" for s in sorted(shards) if not (directory / s).is_file()]
     processor_config = _read_json(directory / "processor_config.json")
     if not processor_config:
         problems.append("no processor_config.json (save the processor beside the model)")

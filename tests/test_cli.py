@@ -65,14 +65,15 @@ def test_help_shows_every_option_with_its_default(command, capsys):
         option = action.option_strings[0]
         assert option in text, f"{command}: {option} missing from --help"
         shown = action.help and "default" in action.help
-        assert shown or f"(default: {action.default})" in text, f"{command} {option}: default {action.default!r} not shown"
+        assert shown or f"(default: {action.default})" in text, f"{command} {option}: {action.default!r} not shown"
         checked += 1
     assert checked >= (len(ours) if ours else 1)
 
 
 def test_help_names_the_defaults_of_the_evaluation_protocol(capsys):
     text = help_text("radz-evaluate", capsys)
-    assert "--threshold_protocol {validation,fixed,oracle} how F1/ACC thresholds are chosen (default: validation)" in text
+    protocol = "--threshold_protocol {validation,fixed,oracle} how F1/ACC thresholds are chosen (default: validation)"
+    assert protocol in text
     assert "--update_card add the results to the model card (README.md) of --model (default: False)" in text
 
 

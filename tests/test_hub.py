@@ -189,3 +189,34 @@ def test_radz_push_uploads_a_saved_checkpoint_and_refuses_an_incomplete_one(tiny
     assert fake_hub.calls[0] == ("create_repo", "someone/radz", {"private": True, "exist_ok": True})
     assert (fake_hub.received / "README.md").is_file() and not (fake_hub.received / "optimizer.pt").exists()
     assert ModelCard.load(fake_hub.received / "README.md").data.pipeline_tag == "zero-shot-image-classification"
+
+
+@pytest.mark.parametrize(
+    ("base_model", "preset", "expected", "licence"),
+    [(None, {"preset": "demo"}, "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+     ("llava-hf/llava-1.5-7b-hf", None, "llava-hf/llava-1.5-7b-hf", "other"),
+     (None, {"preset": "tiny"}, None, "apache-2.0")],
+)
+def test_the_card_names_the_base_model_and_its_licence(tiny_checkpoint, tmp_path, base_model, preset, expected,
+                                                       licence):
+    from types import SimpleNamespace
+
+    from radz.hub import MODEL_KEYS, write_model_card
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    preset_file = None
+    if preset is not None:
+        preset_file = tmp_path / "preset.json"
+        preset_file.write_text(json.dumps(preset))
+    args = SimpleNamespace(base_model=base_model, config=preset_file and str(preset_file), knowledge="chexpert",
+                           **{key: 0 for key in MODEL_KEYS})
+    write_model_card(folder, model_args=args)
+    if preset_file is not None:
+        preset_file.unlink()  # the card is rebuilt without it
+    from radz.hub import update_model_card
+
+    card = update_model_card(folder, [], notes=["SYNTHETIC DATA"])
+    assert card.data.base_model == expected and card.data.license == licence
+    assert "synthetic-data" in card.data.tags and "> **SYNTHETIC DATA**" in card.text
+    assert ModelCard.load(folder / "README.md").data.base_model == expected

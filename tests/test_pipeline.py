@@ -230,7 +230,8 @@ def test_generated_knowledge_is_made_once_and_added_to_the_processor(clf, monkey
 
     clf(make_image(9), candidate_labels=["Pneumothorax", "No Finding"], use_knowledge="generate")
     assert generate["calls"] == 1
-    assert not clf(make_image(9), candidate_labels=["Pneumothorax"], use_knowledge=False, return_anchors=True)[0]["anchor"]
+    alone = clf(make_image(9), candidate_labels=["Pneumothorax"], use_knowledge=False, return_anchors=True)
+    assert not alone[0]["anchor"]
 
 
 def test_parse_descriptions():
@@ -421,7 +422,9 @@ def test_the_built_in_pipeline_arguments_work(tiny_model, monkeypatch):
     by_keyword = clf(images=images, candidate_labels=LABELS, hypothesis_template="a radiograph of {}", timeout=3.0)
     assert calls == {"calls": 3, "rows": 5}  # the pipeline's batch_size=2: batches of 2, 2 and 1 images
     at_once = clf(images, candidate_labels=LABELS, templates=["a radiograph of {}"], batch_size=5)
-    assert [[r["label"] for r in result] for result in by_keyword] == [[r["label"] for r in result] for result in at_once]
+    assert [[r["label"] for r in result] for result in by_keyword] == [
+        [r["label"] for r in result] for result in at_once
+    ]
     assert [r["score"] for result in by_keyword for r in result] == pytest.approx(
         [r["score"] for result in at_once for r in result], abs=1e-5)
     assert calls["calls"] == 4
@@ -478,5 +481,6 @@ def test_urls_are_fetched_with_the_timeout(clf, tmp_path, http_server):
     assert from_url == clf([str(tmp_path / "cxr.png"), dicom], candidate_labels=LABELS)
     with pytest.raises(ValueError, match=r"/slow: could not be fetched \(.*timed out"):
         clf(f"{http_server}/slow", candidate_labels=LABELS, timeout=0.5)
-    with pytest.raises(ValueError, match=r"item 1 of the batch: .*/missing\.png: could not be fetched \(HTTP Error 404"):
+    missing = r"item 1 of the batch: .*/missing\.png: could not be fetched \(HTTP Error 404"
+    with pytest.raises(ValueError, match=missing):
         clf([f"{http_server}/cxr.png", f"{http_server}/missing.png"], candidate_labels=LABELS)

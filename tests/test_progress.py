@@ -9,7 +9,8 @@ import numpy as np
 
 def bars(text: str, description: str) -> list[tuple[int, int]]:
     """(done, total) of every redraw of the bar called `description` in captured stderr."""
-    return [(int(done), int(total)) for done, total in re.findall(rf"{re.escape(description)}: .*?(\d+)/(\d+) \[", text)]
+    pattern = rf"{re.escape(description)}: .*?(\d+)/(\d+) \["
+    return [(int(done), int(total)) for done, total in re.findall(pattern, text)]
 
 
 def test_bootstrap_shows_its_resamples(capsys):

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--shots", type=int, help="vision_probe/sft label budget per class")
-    parser.add_argument("--balance_classes", action="store_true", help="vision_probe/sft: cut every class to the smallest")
+    parser.add_argument("--balance_classes", action="store_true",
+                        help="vision_probe/sft: cut every class to the smallest")
     # The same budget as the demo's DFAT stage: as many steps of as many samples.
     parser.add_argument("--sft_steps", type=int, default=DEMO_TRAINING["max_steps"], help="sft optimizer steps")
     parser.add_argument("--sft_batch_size", type=int, default=DEMO_TRAINING["per_device_train_batch_size"],
