@@ -385,15 +385,13 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 ]
                 scored.append(sorted(elements, key=lambda element: -element["score"]))
             rows += output["rows"]
-        results = []
+        results = {}  # per input of the caller, in order
         for (index, file, view), result in zip(rows, scored):
             if file is None:
-                results.append(result)
-                continue
-            if not results or not isinstance(results[-1], tuple) or results[-1][0] != index:
-                results.append((index, []))
-            results[-1][1].append({"file": file, "view": view, "results": result})
-        results = [entry[1] if isinstance(entry, tuple) else entry for entry in results]
+                results[index] = result
+            else:
+                results.setdefault(index, []).append({"file": file, "view": view, "results": result})
+        results = list(results.values())
         return results[0] if model_outputs[0]["single"] else results
 
     # -- label embeddings --------------------------------------------------------------------------------------
