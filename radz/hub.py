@@ -38,6 +38,7 @@ CONFIG_KEYS = (
     "alignment", "dkam_lambda", "anchor_head", "category_loss", "num_cls_tokens", "feature_layer", "pooling",
     "projection_dim", "label_template",
 )
+PATH_KEYS = ("data_dir", "train_file", "dataset_dir")
 DATA_KEYS = ("dataset_name", "data_dir", "train_file", "dataset_dir", "train_split", "label_columns", "class_names",
              "max_train_samples")
 SUMMARY_KEYS = {  # task: (AUC, F1, ACC) keys of the metric module's output
@@ -74,11 +75,16 @@ def training_facts(directory, model_args=None, data_args=None, training_args=Non
     facts = {"config": {k: config[k] for k in CONFIG_KEYS if k in config}}
     if model_args is not None:
         facts["base_model"] = model_args.base_model
-        facts["preset"] = model_args.config
-        facts["knowledge_source"] = model_args.knowledge
+        # A preset JSON is kept by its settings: the card must not depend on a local file.
+        preset = model_args.config
+        facts["preset"] = json.loads(Path(preset).read_text()) if preset and Path(preset).is_file() else preset
+        source = model_args.knowledge
+        facts["knowledge_source"] = Path(source).name if source and Path(source).is_file() else source
         facts["model"] = {k: _plain(getattr(model_args, k)) for k in MODEL_KEYS}
     if data_args is not None:
-        facts["data"] = {k: _plain(getattr(data_args, k)) for k in DATA_KEYS if getattr(data_args, k) is not None}
+        # Local paths by their last part only: a pushed card should not show the trainer's folders.
+        data = {k: _plain(getattr(data_args, k)) for k in DATA_KEYS if getattr(data_args, k) is not None}
+        facts["data"] = {k: Path(v).name if k in PATH_KEYS else v for k, v in data.items()}
     if training_args is not None:
         facts["recipe"] = {k: _plain(getattr(training_args, k)) for k in RECIPE_KEYS if hasattr(training_args, k)}
         facts["recipe"]["world_size"] = training_args.world_size
@@ -97,9 +103,7 @@ def base_model_id(facts: dict) -> str | None:
     if base and not Path(base).exists() and base.count("/") == 1:
         return base
     preset = facts.get("preset")
-    if preset and Path(preset).is_file():
-        preset = json.loads(Path(preset).read_text()).get("preset")
-    return PRESET_BASE_MODELS.get(preset)
+    return PRESET_BASE_MODELS.get(preset.get("preset") if isinstance(preset, dict) else preset)
 
 
 def evaluation_entry(record: dict) -> dict:
@@ -224,6 +228,19 @@ def update_model_card(directory, records: list[dict], notes=()) -> ModelCard:
     return card
 
 
+def rename_card(directory, model_name: str) -> ModelCard:
+    """Rebuild the card under another name (the hub id, before an upload), so that "How to load" names it. A card
+    that llava-radz did not write is left as it is."""
+    directory = Path(directory)
+    card = ModelCard.load(directory / CARD_FILE)
+    if "training" not in (card.data.to_dict().get("llava_radz") or {}):
+        return card
+    stored = _stored(card)
+    card = build_model_card(model_name, stored["training"], stored["evaluations"], stored["notes"])
+    card.save(directory / CARD_FILE)
+    return card
+
+
 def _stored(card: ModelCard) -> dict:
     stored = card.data.to_dict().get("llava_radz") or {}
     if "training" not in stored:
@@ -278,8 +295,11 @@ def _card_text(model_name, facts, evaluations, notes, base_model) -> list[str]:
     ]
     if base_model:
         lines.append(f"- Base model: [`{base_model}`](https://huggingface.co/{base_model}).")
-    elif facts.get("preset"):
-        lines.append(f"- Built from the llava-radz preset `{facts['preset']}` (no pretrained base model).")
+    if facts.get("preset"):
+        preset = facts["preset"]
+        shown = json.dumps(preset) if isinstance(preset, dict) else preset
+        pretrained = "" if base_model else " (no pretrained base model)"
+        lines.append(f"- Built from the llava-radz preset `{shown}`{pretrained}.")
     for key, value in data.items():
         lines.append(f"- `{key}`: `{value}`")
     categories = facts.get("knowledge_categories") or []
@@ -375,6 +395,7 @@ def push_checkpoint(directory, repo_id: str, private: bool | None = None, token:
     problems = checkpoint_problems(directory)
     if problems:
         raise CheckpointError(f"{directory} is not a complete checkpoint: " + "; ".join(problems))
+    rename_card(directory, repo_id)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(

@@ -106,6 +106,8 @@ def test_training_writes_a_card_that_model_card_load_reads(trained, fake_hub, tm
         assert section in text
     assert "not a clinical tool" in text and "ORACLE" in text
     assert "| max_steps | `4` |" in text and "No evaluation yet" in text
+    assert 'pipeline("zero-shot-image-classification", model="someone/radz-tiny"' in text  # renamed for the push
+    assert data["model_name"] == "someone/radz-tiny" and str(trained["root"]) not in text  # no local paths
 
     # --push_to_hub pushed the final merged checkpoint once, after training; the Trainer pushed nothing itself.
     assert [call[0] for call in fake_hub.calls] == ["create_repo", "upload_folder"]
