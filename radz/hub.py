@@ -74,7 +74,8 @@ def training_facts(directory, model_args=None, data_args=None, training_args=Non
     config = _read_json(directory / "config.json")
     facts = {"config": {k: config[k] for k in CONFIG_KEYS if k in config}}
     if model_args is not None:
-        facts["base_model"] = model_args.base_model
+        base = model_args.base_model
+        facts["base_model"] = Path(base).name if base and Path(base).exists() else base
         # A preset JSON is kept by its settings: the card must not depend on a local file.
         preset = model_args.config
         facts["preset"] = json.loads(Path(preset).read_text()) if preset and Path(preset).is_file() else preset
@@ -100,7 +101,7 @@ def training_facts(directory, model_args=None, data_args=None, training_args=Non
 def base_model_id(facts: dict) -> str | None:
     """The hub id this checkpoint derives from: `--base_model` when it is a hub id, the LLM of a pretrained preset."""
     base = facts.get("base_model")
-    if base and not Path(base).exists() and base.count("/") == 1:
+    if base and base.count("/") == 1:  # a local folder was kept by its name only
         return base
     preset = facts.get("preset")
     return PRESET_BASE_MODELS.get(preset.get("preset") if isinstance(preset, dict) else preset)
