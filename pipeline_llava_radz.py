@@ -3,22 +3,32 @@
 Scores radiographs against free-text labels: single-label (softmax over the labels, as transformers' own
 zero-shot pipeline) or multi-label (each label against its negation "no {label}", CheXzero-style), with prompt
 ensembles and DKAM knowledge anchors. The label side is `zero_shot_llava_radz.build_zero_shot_classifier` (the
-classifier `RadZTrainer.evaluate` measures too), built once per label set and cached on the pipeline.
+classifier `RadZTrainer.evaluate` measures too), built once per label set and cached on the pipeline; the pixels
+come from `LlavaRadZProcessor.pixel_values`, the processor's one pixel path that training uses as well.
+
+Each result element is exactly the hub's `ZeroShotImageClassificationOutputElement`, `{"label", "score"}`; details
+(`return_anchors=True` → `"anchor"`) are added only when the caller asks. A call runs through `Pipeline`'s own
+stages: `preprocess` reads every image first (so a bad item fails before any model work) and cuts the batches,
+`forward` (`_forward`) scores one batch at a time on the model's device, `postprocess` ranks and assembles.
 
 This file is remote code: every checkpoint written by `LlavaRadZForZeroShotClassification.save_pretrained` carries it
-and declares it in `config.custom_pipelines`. It depends only on torch, transformers, numpy, PIL
-(docs/design.md, "Remote code").
+and declares it in `config.custom_pipelines`, which is how `pipeline(...)` finds it; importing it registers nothing.
+It depends only on torch, transformers, numpy, PIL (docs/design.md, "Remote code").
 """
 
+import copy
 import os
 import re
+import tempfile
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import AutoModel, Pipeline, ZeroShotImageClassificationPipeline
+from transformers import Pipeline
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 try:
@@ -34,27 +44,29 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 TASK = "zero-shot-image-classification"
-OPTIONS = (
-    "candidate_labels",
-    "hypothesis_template",
-    "templates",
-    "multi_label",
-    "use_knowledge",
-    "negative_template",
-    "batch_size",
-    "window_index",
-)
-DEFAULT_OPTIONS = {
+DEFAULT_BATCH_SIZE = 8
+# The options of preprocess, with their defaults; `batch_size` is taken by `__call__` (as transformers' own
+# pipelines take it), the `return_*` detail flags by postprocess.
+PREPROCESS_DEFAULTS = {
     "candidate_labels": None,
     "hypothesis_template": None,
     "templates": None,
     "multi_label": False,
     "use_knowledge": True,
     "negative_template": "no {}",
-    "batch_size": 8,
     "window_index": 0,
+    "timeout": None,
+    "tokenizer_kwargs": None,
 }
+# Details a result element carries only when asked for: `return_<flag>=True` adds the key. `_forward` computes each
+# asked-for detail as an `[images, labels, ...]` value, postprocess puts item `[n][k]` into element k of image n.
+DETAILS = {"return_anchors": "anchor"}
+OPTIONS = (*PREPROCESS_DEFAULTS, *DETAILS, "batch_size")
 KNOWLEDGE_MODES = (True, False, "generate")
+# tokenizer_kwargs (as transformers' pipeline takes them) for the label prompts: `max_length` is the processor's
+# `max_text_tokens`; `truncation=False` makes a longer prompt an error; `padding` changes no score (the model reads
+# the special tokens by position and ignores padding), so any value is accepted.
+TOKENIZER_KWARGS = ("max_length", "truncation", "padding")
 # DICOM Modality values of projection radiographs (and of the secondary captures radiographs are often exported as).
 RADIOGRAPH_MODALITIES = ("CR", "DX", "DR", "RG", "SC", "OT")
 CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "LUNGS")
@@ -82,16 +94,34 @@ def _check_template(template, option: str) -> str:
     return template
 
 
-def _resize_and_crop(image, shortest_edge: int, crop_height: int, crop_width: int, resample) -> np.ndarray:
-    """The resize and centre crop of transformers' PIL image processors (`get_resize_output_image_size` with
-    `default_to_square=False`, then `center_crop`), on a PIL image; returns `[H, W, 3]` uint8."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    new_long = int(shortest_edge * long / short)
-    new_width, new_height = (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
-    top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
-    resized = image.resize((new_width, new_height), resample=resample)
-    return np.asarray(resized.crop((left, top, left + crop_width, top + crop_height)))
+def _check_count(value, option: str, smallest: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
+        kind = "a positive" if smallest else "a non-negative"
+        raise ValueError(f"{option} must be {kind} integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """What the label side of one call is built from (and cached by)."""
+
+    labels: tuple
+    templates: tuple | None  # None: the model's config.label_template
+    multi_label: bool
+    use_knowledge: object  # True, False or "generate"
+    negative_template: str
+    max_text_tokens: int | None  # tokenizer_kwargs["max_length"]; None: the processor's own
+    truncation: bool
+
+
+@dataclass
+class RadiographRequest:
+    """The images of one call, handed to `Pipeline.__call__` as one input: they are read, batched and scored
+    together (transformers' own loop would preprocess and score them one by one)."""
+
+    images: list
+    single: bool
+    batch_size: int
 
 
 class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
@@ -100,8 +130,9 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
     ```python
     clf = pipeline("zero-shot-image-classification", model=checkpoint_dir, trust_remote_code=True)
     clf("cxr.dcm", candidate_labels=["Cardiomegaly", "Pleural Effusion", "No Finding"])
-    # [{"score": 0.71, "label": "Cardiomegaly", "anchor": True}, ...]  sorted by score
+    # [{"label": "Cardiomegaly", "score": 0.71}, ...]  sorted by score
     clf(["a.png", "b.dcm"], candidate_labels=[...], multi_label=True)  # a list of such lists
+    clf("cxr.dcm", candidate_labels=[...], return_anchors=True)  # each element also says "anchor": True/False
     ```
 
     Call options (also accepted by `pipeline(...)` as defaults):
@@ -117,13 +148,19 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         negative_template (`str`, defaults to `"no {}"`): the negation used by `multi_label`, inside every template.
         batch_size (`int`, defaults to 8): images (and prompts) per forward pass.
         window_index (`int`, defaults to 0): which of a DICOM's VOI LUTs or windows renders it.
+        timeout (`float`, *optional*): seconds to wait for an image given as an http(s) URL.
+        tokenizer_kwargs (`dict`, *optional*): `max_length`, `truncation`, `padding` for the label prompts
+            (`TOKENIZER_KWARGS`).
+        return_anchors (`bool`, defaults to False): add `"anchor"` to each element: whether the label was scored
+            against a knowledge anchor.
 
-    Each result dict also says `"anchor"`: whether the label was scored against a knowledge anchor. Label
-    embeddings are cached per (labels, templates, knowledge, multi_label): clear `label_cache` after changing
-    the model's weights. A study (a folder of DICOM files or a DICOMDIR) is one input: its result is a list of
-    `{"file", "view", "results"}`, one per image (`radiograph_llava_radz.study_files`). A DICOM whose
-    ViewPosition, BodyPartExamined or Modality does not fit a chest radiograph is scored with a warning
-    (`chest_view_problems`); so is a label whose prompt is longer than the processor's `max_text_tokens`.
+    `device=` and `dtype=` of `pipeline(...)` place and cast the model; images go through under the pipeline's
+    inference context, batch by batch, on that device. Label embeddings are cached per label set, templates,
+    knowledge and multi_label: clear `label_cache` after changing the model's weights. A study (a folder of DICOM
+    files or a DICOMDIR) is one input: its result is a list of `{"file", "view", "results"}`, one per image
+    (`radiograph_llava_radz.study_files`). A DICOM whose ViewPosition, BodyPartExamined or Modality does not fit a
+    chest radiograph is scored with a warning (`chest_view_problems`); so is a label whose prompt is longer than the
+    processor's `max_text_tokens`.
     """
 
     _load_processor = True
@@ -131,37 +168,55 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
     _load_image_processor = False
     _load_feature_extractor = False
 
-    def __new__(cls, model=None, *args, **kwargs):
-        # Registering this class takes over the task for the whole process; other models (CLIP, SigLIP...) keep
-        # transformers' own pipeline.
-        if model is not None and getattr(model.config, "model_type", None) != "llava_radz":
-            return ZeroShotImageClassificationPipeline(*args, model=model, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(self, model, *args, **kwargs):
+    def __init__(self, model, *args, batch_size=None, **kwargs):
+        # batch_size is this pipeline's, not the base class's: transformers would batch whole calls, not images.
+        self.batch_size = DEFAULT_BATCH_SIZE if batch_size is None else _check_count(batch_size, "batch_size", 1)
         super().__init__(model, *args, **kwargs)
         if self.processor is None:
             raise ValueError(f"{type(self).__name__} needs the LlavaRadZProcessor: pass processor=...")
         self.label_cache: dict = {}
         self.generated_descriptions: dict[str, list[str]] = {}
 
-    # -- options -----------------------------------------------------------------------------------------------
+    # -- the call ----------------------------------------------------------------------------------------------
+    def __call__(self, image=None, candidate_labels=None, batch_size=None, **kwargs):
+        """Classify one image (→ a list of `{"label", "score"}` sorted by score) or a list of images (→ a list of
+        such lists). Images: PIL, numpy arrays, paths or http(s) URLs of PNG/JPEG/DICOM files, pydicom datasets; a
+        study (a path to a folder of DICOM files or to a DICOMDIR) → a list of `{"file", "view", "results"}`."""
+        if "images" in kwargs:  # transformers' own pipeline takes both names
+            image = kwargs.pop("images")
+        if image is None:
+            raise ValueError("no image: pass an image, a path or a list of them")
+        if candidate_labels is not None:
+            kwargs["candidate_labels"] = candidate_labels
+        batch_size = self.batch_size if batch_size is None else _check_count(batch_size, "batch_size", 1)
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        if not images:
+            self._sanitize_parameters(**kwargs)  # bad options still fail
+            return []
+        return super().__call__(RadiographRequest(images, single, batch_size), **kwargs)
+
+    def run_single(self, inputs, preprocess_params, forward_params, postprocess_params):
+        """`preprocess` gives every batch at once (all images read); each goes through `forward` on its own."""
+        outputs = [self.forward(batch, **forward_params) for batch in self.preprocess(inputs, **preprocess_params)]
+        return self.postprocess(outputs, **postprocess_params)
+
     def _sanitize_parameters(self, **kwargs):
         unknown = sorted(set(kwargs) - set(OPTIONS))
         if unknown:
             raise TypeError(f"{type(self).__name__}: unexpected option(s) {unknown}; expected some of {list(OPTIONS)}")
-        # `__call__` reads every option at once (labels and images are batched there), so all go to one dict.
-        return {}, dict(kwargs), {}
+        preprocess = {key: kwargs[key] for key in PREPROCESS_DEFAULTS if key in kwargs}
+        details = {flag: kwargs[flag] for flag in DETAILS if flag in kwargs}
+        for flag, value in details.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        forward = {"details": tuple(DETAILS[f] for f, on in details.items() if on)} if details else {}
+        return preprocess, forward, {}
 
-    def _options(self, kwargs) -> dict:
-        """Pipeline defaults updated by the call's options, validated (before any model work)."""
-        options = dict(DEFAULT_OPTIONS)
-        if self._batch_size is not None:
-            options["batch_size"] = self._batch_size
-        options.update(self._forward_params)
-        options.update(self._sanitize_parameters(**kwargs)[1])
-
-        options["candidate_labels"] = self._check_labels(options["candidate_labels"])
+    def label_spec(self, **options) -> LabelSpec:
+        """The call's label options (pipeline defaults updated by the call), checked before any model work."""
+        options = {**PREPROCESS_DEFAULTS, **options}
+        labels = self._check_labels(options["candidate_labels"])
         if options["templates"] is not None and options["hypothesis_template"] is not None:
             raise ValueError("give either hypothesis_template (one template) or templates (an ensemble), not both")
         if options["templates"] is not None:
@@ -171,19 +226,25 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         elif options["hypothesis_template"] is not None:
             templates = (_check_template(options["hypothesis_template"], "hypothesis_template"),)
         else:
-            templates = None  # label_embeddings uses the model's config.label_template
-        options["templates"] = templates
+            templates = None
         _check_template(options["negative_template"], "negative_template")
         if options["use_knowledge"] not in KNOWLEDGE_MODES:
             raise ValueError(f"use_knowledge={options['use_knowledge']!r}; expected True, False or 'generate'")
         if not isinstance(options["multi_label"], bool):
             raise TypeError(f"multi_label must be True or False, got {options['multi_label']!r}")
-        for option, smallest in (("batch_size", 1), ("window_index", 0)):
-            value = options[option]
-            if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
-                kind = "a positive" if smallest else "a non-negative"
-                raise ValueError(f"{option} must be {kind} integer, got {value!r}")
-        return options
+        tokenizer_kwargs = dict(options["tokenizer_kwargs"] or {})
+        unknown = sorted(set(tokenizer_kwargs) - set(TOKENIZER_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"tokenizer_kwargs: unsupported key(s) {unknown}; the label prompts take {list(TOKENIZER_KWARGS)}"
+            )
+        max_length = tokenizer_kwargs.get("max_length")
+        if max_length is not None:
+            _check_count(max_length, "tokenizer_kwargs['max_length']", 1)
+        return LabelSpec(
+            labels, templates, options["multi_label"], options["use_knowledge"], options["negative_template"],
+            max_length, bool(tokenizer_kwargs.get("truncation", True)),
+        )
 
     @staticmethod
     def _check_labels(labels) -> tuple:
@@ -210,189 +271,164 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             seen[key] = (index, label)
         return tuple(labels)
 
-    # -- the call ----------------------------------------------------------------------------------------------
-    def __call__(self, images, **kwargs):
-        """Classify one image (→ a list of `{"score", "label", "anchor"}` sorted by score) or a list of images (→ a
-        list of such lists). Images: PIL, numpy arrays, paths to PNG/JPEG/DICOM files, pydicom datasets; a study
-        (a path to a folder of DICOM files or to a DICOMDIR) → a list of `{"file", "view", "results"}`."""
-        options = self._options(kwargs)
-        single = not isinstance(images, (list, tuple))
-        inputs = [images] if single else list(images)
-        if not inputs:
-            return []
-        # A study stands for its image files; `owners` says which input each image comes from.
-        studies, flat, owners = {}, [], []
-        for index, item in enumerate(inputs):
+    # -- the three stages --------------------------------------------------------------------------------------
+    def preprocess(self, request: RadiographRequest, window_index: int = 0, timeout=None, **label_options) -> list:
+        """Check the options, read every image (`load_radiograph`) and cut the batches: a list of `BatchFeature`s
+        with the image-pass inputs, the label spec and, per image, `rows`: (input index, study file or None, DICOM
+        view). An error names the item of the caller's list. Images are read on `torch.get_num_threads()` threads:
+        decoding and resizing release the GIL."""
+        spec = self.label_spec(**label_options)
+        _check_count(window_index, "window_index", 0)
+        studies, flat, rows = {}, [], []
+        for index, item in enumerate(request.images):
             if is_study(item):
                 try:
                     studies[index] = study_files(item)
                 except RadiographError as error:
-                    if single:
+                    if request.single:
                         raise
                     raise RadiographError(f"item {index} of the batch: {error}") from error
-            files = studies.get(index, [item])
-            flat += files
-            owners += [None if single else index] * len(files)
-        batch_size = options["batch_size"]
-        # Every image is read and preprocessed before the model runs, so a bad item fails fast.
-        window_index = options["window_index"]
-        batches = [
-            self.preprocess(flat[start : start + batch_size], owners[start : start + batch_size], window_index)
-            for start in range(0, len(flat), batch_size)
-        ]
-        scored = []
-        with torch.inference_mode():
-            classifier = self.label_embeddings(
-                options["candidate_labels"],
-                templates=options["templates"],
-                multi_label=options["multi_label"],
-                use_knowledge=options["use_knowledge"],
-                negative_template=options["negative_template"],
-                batch_size=batch_size,
-            )
-            for batch in batches:
-                scored += self.postprocess(self._forward(batch, classifier), classifier)
-        views = [facts.get("view") for batch in batches for facts in batch["dicom"]]
-        results, position = [], 0
-        for index in range(len(inputs)):
-            if index in studies:
-                files = studies[index]
-                entries = zip(files, views[position:], scored[position:])
-                results.append([{"file": str(f), "view": view, "results": r} for f, view, r in entries])
-                position += len(files)
-            else:
-                results.append(scored[position])
-                position += 1
-        return results[0] if single else results
+            for file in studies.get(index, [item]):
+                flat.append(file)
+                rows.append((index, str(file) if index in studies else None))
+        owners = [None if request.single else index for index, _ in rows]
 
-    def preprocess(self, images, items=None, window_index: int = 0) -> BatchFeature:
-        """Read a batch of images (`load_radiograph`) and build the image-pass inputs.
-
-        `items`: per image, its position in the caller's list (a study's files share it), so that errors name the
-        item; None (or a None entry) for a single input. `window_index`: see `load_radiograph`. The result's
-        `"dicom"` holds each image's `dicom_facts` (empty for non-DICOM input); the DICOM facts that do not fit a
-        chest radiograph are logged as warnings. Images are read on `torch.get_num_threads()` threads: decoding
-        and resizing release the GIL.
-        """
-        resize = self._resize_settings()
-        items = [None] * len(images) if items is None else items
-
-        def read(item, image):
-            name = "image" if item is None else f"image {item}"
+        def read(owner, image):
+            name = "image" if owner is None else f"image {owner}"
             try:
-                loaded = load_radiograph(image, name=name, window_index=window_index)
+                loaded = self._read(image, name, window_index, timeout)
             except (RadiographError, TypeError) as error:
-                if item is None:
+                if owner is None:
                     raise
-                raise type(error)(f"item {item} of the batch: {error}") from error
+                raise type(error)(f"item {owner} of the batch: {error}") from error
             facts = loaded.info.get("dicom", {})
             for problem in chest_view_problems(facts):
                 where = str(image) if isinstance(image, (str, os.PathLike)) else getattr(image, "filename", "") or name
                 logger.warning(f"{where}: {problem}")
-            return (loaded if resize is None else _resize_and_crop(loaded, *resize)), facts
+            return loaded, facts.get("view")
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(images), torch.get_num_threads()))) as pool:
-            read_images, facts = zip(*pool.map(read, items, images))  # raises the first bad item's error
-        if resize is None:
-            pixel_values = self.image_processor(read_images, return_tensors="pt")["pixel_values"]
-        else:
-            pixel_values = self._rescale_and_normalize(np.stack(read_images))
-        image_ids = torch.tensor(self.processor.image_prompt_ids(), dtype=torch.long).expand(len(images), -1)
-        return BatchFeature(
-            {
-                "pixel_values": pixel_values,
-                "image_input_ids": image_ids,
-                "image_attention_mask": torch.ones_like(image_ids),
-                "dicom": list(facts),
-            }
-        )
+        batches, size = [], request.batch_size
+        image_ids = torch.tensor(self.processor.image_prompt_ids(), dtype=torch.long)
+        with ThreadPoolExecutor(max_workers=max(1, min(size, torch.get_num_threads()))) as pool:
+            for start in range(0, len(flat), size):
+                # raises the first bad item's error
+                loaded, views = zip(*pool.map(read, owners[start : start + size], flat[start : start + size]))
+                ids = image_ids.expand(len(loaded), -1)
+                batch_rows = [(*row, view) for row, view in zip(rows[start : start + size], views)]
+                batches.append(BatchFeature({
+                    "pixel_values": self.processor.pixel_values(list(loaded)),
+                    "image_input_ids": ids,
+                    "image_attention_mask": torch.ones_like(ids),
+                    "spec": spec,
+                    "rows": batch_rows,
+                    "single": request.single,
+                }))
+        return batches
 
-    def _resize_settings(self):
-        """`(shortest_edge, crop_height, crop_width, resample)` when the image processor is the usual CLIP-style PIL one
-        (resize the shortest edge, centre crop, rescale, normalise); None otherwise. For those, the pipeline computes
-        the processor's exact output itself (same bicubic PIL resize, same crop and arithmetic) without its
-        per-image numpy round trips, and normalises the batch at once."""
-        processor = self.image_processor
-        size, crop = getattr(processor, "size", None) or {}, getattr(processor, "crop_size", None) or {}
-        usual = (
-            getattr(processor, "backend", None) == "pil"
-            and all(getattr(processor, f, False) for f in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"))
-            and not getattr(processor, "do_pad", False)
-            and size.get("shortest_edge") and not size.get("longest_edge")
-            # a crop larger than the resized image would need the processor's padding
-            and 0 < (crop.get("height") or 0) <= size["shortest_edge"]
-            and 0 < (crop.get("width") or 0) <= size["shortest_edge"]
-        )
-        return (size["shortest_edge"], crop["height"], crop["width"], processor.resample) if usual else None
+    @staticmethod
+    def _read(image, name: str, window_index: int, timeout):
+        """`load_radiograph`, and http(s) URLs fetched first (with `timeout`); the error names the URL."""
+        if not (isinstance(image, str) and image.startswith(("http://", "https://"))):
+            return load_radiograph(image, name=name, window_index=window_index)
+        try:
+            with urllib.request.urlopen(image, timeout=timeout) as response:
+                content = response.read()
+        except (OSError, ValueError) as error:  # URLError, timeouts and HTTP errors are OSErrors
+            raise RadiographError(f"{image}: could not be fetched ({error})") from error
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / (Path(urllib.parse.urlparse(image).path).name or "image")
+            path.write_bytes(content)
+            try:
+                return load_radiograph(path, name=image, window_index=window_index)
+            except RadiographError as error:
+                raise RadiographError(str(error).replace(str(path), image)) from error
 
-    def _rescale_and_normalize(self, pixels: np.ndarray) -> torch.Tensor:
-        """`[N, H, W, 3]` uint8 → `[N, 3, H, W]` float32, with the processor's arithmetic (float64 rescale)."""
-        processor = self.image_processor
-        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
-        return (pixels.to(torch.float64) * processor.rescale_factor).to(torch.float32).sub_(mean).div_(std)
-
-    def _forward(self, model_inputs, classifier: ZeroShotClassifier) -> torch.Tensor:
-        """Scores `[batch, K]` of one image batch: `classifier.probabilities` (softmax or per-label)."""
+    def _forward(self, model_inputs, details=()) -> dict:
+        """Scores `[batch, K]` of one image batch (`classifier.probabilities`: softmax or per label) and the asked-for
+        details (`DETAILS`), each `[batch, K, ...]`."""
+        classifier = self.label_embeddings(model_inputs["spec"])
         keys = ("pixel_values", "image_input_ids", "image_attention_mask")
-        features = self.model.get_image_features(**{key: model_inputs[key].to(self.device) for key in keys})
-        return classifier.probabilities(features)
+        features = self.model.get_image_features(**{key: model_inputs[key] for key in keys})
+        scores = classifier.probabilities(features)
+        computed = {}
+        if "anchor" in details:
+            computed["anchor"] = classifier.anchored.expand(len(scores), -1)
+        return {"scores": scores, "details": computed, "labels": classifier.labels, "rows": model_inputs["rows"],
+                "single": model_inputs["single"]}
 
-    def postprocess(self, model_outputs, classifier: ZeroShotClassifier) -> list[list[dict]]:
-        anchored = classifier.anchored.tolist()
-        results = []
-        for scores in model_outputs.tolist():
-            ranked = sorted(zip(scores, classifier.labels, anchored), key=lambda item: -item[0])
-            results.append([{"score": s, "label": label, "anchor": a} for s, label, a in ranked])
-        return results
+    def postprocess(self, model_outputs: list) -> list:
+        """Rank the labels of each image; reassemble the caller's inputs (a study's images into one entry)."""
+        scored, rows = [], []
+        for output in model_outputs:
+            labels = output["labels"]
+            details = {key: value.tolist() for key, value in output["details"].items()}
+            for n, scores in enumerate(output["scores"].tolist()):
+                elements = [
+                    {"label": label, "score": score, **{key: value[n][k] for key, value in details.items()}}
+                    for k, (label, score) in enumerate(zip(labels, scores))
+                ]
+                scored.append(sorted(elements, key=lambda element: -element["score"]))
+            rows += output["rows"]
+        results = {}  # per input of the caller, in order
+        for (index, file, view), result in zip(rows, scored):
+            if file is None:
+                results[index] = result
+            else:
+                results.setdefault(index, []).append({"file": file, "view": view, "results": result})
+        results = list(results.values())
+        return results[0] if model_outputs[0]["single"] else results
 
     # -- label embeddings --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def label_embeddings(
-        self,
-        candidate_labels,
-        templates=None,
-        multi_label=False,
-        use_knowledge=True,
-        negative_template="no {}",
-        batch_size=8,
-    ) -> ZeroShotClassifier:
-        """The (cached) `build_zero_shot_classifier` of a label set; see `ZeroShotClassifier`."""
-        labels = tuple(candidate_labels)
-        templates = (self.model.config.label_template,) if templates is None else tuple(templates)
-        if use_knowledge == "generate":
-            self._generate_missing_knowledge(labels)
-        categories = label_categories(self.processor, labels, use_knowledge)
-        # The key holds the descriptions themselves, so an edited knowledge base is never served stale anchors.
-        knowledge = tuple(
-            None if c is None else tuple(self.processor.knowledge[c]["descriptions"]) for c in categories
+    def label_embeddings(self, spec_or_labels, batch_size=None, **options) -> ZeroShotClassifier:
+        """The (cached) `build_zero_shot_classifier` of a label set; see `ZeroShotClassifier`. Takes a `LabelSpec` or
+        the labels with the call's label options (`templates=`, `multi_label=`, `use_knowledge=`...)."""
+        spec = spec_or_labels if isinstance(spec_or_labels, LabelSpec) else self.label_spec(
+            candidate_labels=list(spec_or_labels), **options
         )
-        key = (labels, templates, multi_label, negative_template if multi_label else None, knowledge)
+        templates = (self.model.config.label_template,) if spec.templates is None else spec.templates
+        if spec.use_knowledge == "generate":
+            self._generate_missing_knowledge(spec.labels)
+        processor = self.processor
+        if spec.max_text_tokens is not None:
+            processor = copy.copy(processor)
+            processor.max_text_tokens = spec.max_text_tokens
+        categories = label_categories(processor, spec.labels, spec.use_knowledge)
+        # The key holds the descriptions themselves, so an edited knowledge base is never served stale anchors.
+        knowledge = tuple(None if c is None else tuple(processor.knowledge[c]["descriptions"]) for c in categories)
+        negative = spec.negative_template if spec.multi_label else None
+        key = (spec.labels, templates, spec.multi_label, negative, knowledge, processor.max_text_tokens)
+        key += (spec.truncation,)
         if key not in self.label_cache:
-            prompted = [label for label, category in zip(labels, categories) if category is None]
-            self._warn_long_labels(prompted, templates, negative_template if multi_label else None)
+            prompted = [label for label, category in zip(spec.labels, categories) if category is None]
+            self._check_long_labels(processor, prompted, templates, negative, spec.truncation)
             self.label_cache[key] = build_zero_shot_classifier(
                 self.model,
-                self.processor,
-                labels,
+                processor,
+                spec.labels,
                 templates=templates,
-                multi_label=multi_label,
-                use_knowledge=bool(use_knowledge),
-                negative_template=negative_template,
-                batch_size=batch_size,
+                multi_label=spec.multi_label,
+                use_knowledge=bool(spec.use_knowledge),
+                negative_template=spec.negative_template,
+                batch_size=batch_size or self.batch_size,
             )
         return self.label_cache[key]
 
-    def _warn_long_labels(self, labels, templates, negative_template):
-        """Warn about each prompted label whose prompt (any template, and its negation) is longer than the
-        processor's `max_text_tokens`: the text pass truncates it there."""
-        limit = self.processor.max_text_tokens
+    @staticmethod
+    def _check_long_labels(processor, labels, templates, negative_template, truncation: bool):
+        """Each prompted label whose prompt (any template, and its negation) is longer than the processor's
+        `max_text_tokens`: a warning (the text pass truncates it there), or an error with `truncation=False`."""
+        limit = processor.max_text_tokens
         for label in labels:
             texts = [label] + ([negative_template.format(label)] if negative_template else [])
-            length = max(len(self.processor.plain_text_ids(t.format(text))) for t in templates for text in texts)
+            length = max(len(processor.plain_text_ids(t.format(text))) for t in templates for text in texts)
             if length > limit:
                 shown = repr(label) if len(label) <= 60 else f"{label[:60]!r}… ({len(label)} characters)"
+                if not truncation:
+                    raise ValueError(
+                        f"candidate label {shown}: its prompt is {length} tokens, over max_length={limit}, and "
+                        "tokenizer_kwargs has truncation=False"
+                    )
                 logger.warning(
                     f"candidate label {shown}: its prompt is {length} tokens, truncated at the processor's "
                     f"max_text_tokens={limit}"
@@ -424,11 +460,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             self.processor.set_knowledge(knowledge)
 
     def _describe(self, label: str) -> list[str]:
-        return describe_category(self.model, self.tokenizer, label, max_new_tokens=64)[1]
+        return describe_category(self.model, self.processor.tokenizer, label, max_new_tokens=64)[1]
 
-
-PIPELINE_REGISTRY.register_pipeline(
-    TASK, pipeline_class=LlavaRadZZeroShotImageClassificationPipeline, pt_model=AutoModel
-)
 
 __all__ = ["LlavaRadZZeroShotImageClassificationPipeline", "chest_view_problems", "parse_descriptions"]

@@ -8,6 +8,7 @@ only on torch, transformers and numpy, and through those files on PIL and (lazil
 "Remote code").
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -228,7 +229,7 @@ class LlavaRadZProcessor(ProcessorMixin):
         data = {}
         if images is not None:
             loaded = load_radiographs(images)
-            data["pixel_values"] = self.image_processor(loaded, return_tensors="pt", **kwargs)["pixel_values"]
+            data["pixel_values"] = self.pixel_values(loaded, **kwargs)
             prompt = torch.tensor(self.image_prompt_ids(), dtype=torch.long)
             data["image_input_ids"] = prompt.expand(len(loaded), -1).clone()
             data["image_attention_mask"] = torch.ones_like(data["image_input_ids"])
@@ -254,6 +255,56 @@ class LlavaRadZProcessor(ProcessorMixin):
         ]
         texts = [CALIBRATION_SENTENCES[i % len(CALIBRATION_SENTENCES)] for i in range(num_samples)]
         return self(images=images), self(text=texts)
+
+    # -- pixel values: the one pixel path of training, evaluation and the pipeline -----------------------------
+    def pixel_values(self, images: list, **kwargs) -> torch.Tensor:
+        """`[N, 3, H, W]` float32 pixel values of loaded RGB PIL images (`load_radiograph`): the image processor's
+        output. For the usual CLIP-style PIL image processor (resize the shortest edge, centre crop, rescale,
+        normalise) it is computed here, with the same bicubic PIL resize, crop and arithmetic, but without the
+        processor's per-image numpy round trips, resizing on `torch.get_num_threads()` threads (PIL releases the
+        GIL) and normalising the batch at once. `kwargs` go to the image processor, which then does all."""
+        settings = None if kwargs else self._resize_settings()
+        if settings is None:
+            return self.image_processor(images, return_tensors="pt", **kwargs)["pixel_values"]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(images), torch.get_num_threads()))) as pool:
+            pixels = list(pool.map(lambda image: self._resize_and_crop(image, *settings), images))
+        return self._rescale_and_normalize(np.stack(pixels))
+
+    def _resize_settings(self):
+        """`(shortest_edge, crop_height, crop_width, resample)` when the image processor is the usual CLIP-style PIL
+        one; None otherwise."""
+        processor = self.image_processor
+        size, crop = getattr(processor, "size", None) or {}, getattr(processor, "crop_size", None) or {}
+        usual = (
+            getattr(processor, "backend", None) == "pil"
+            and all(getattr(processor, f, False) for f in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"))
+            and not getattr(processor, "do_pad", False)
+            and size.get("shortest_edge") and not size.get("longest_edge")
+            # a crop larger than the resized image would need the processor's padding
+            and 0 < (crop.get("height") or 0) <= size["shortest_edge"]
+            and 0 < (crop.get("width") or 0) <= size["shortest_edge"]
+        )
+        return (size["shortest_edge"], crop["height"], crop["width"], processor.resample) if usual else None
+
+    def _rescale_and_normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """`[N, H, W, 3]` uint8 → `[N, 3, H, W]` float32, with the image processor's arithmetic (float64 rescale)."""
+        processor = self.image_processor
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (pixels.to(torch.float64) * processor.rescale_factor).to(torch.float32).sub_(mean).div_(std)
+
+    @staticmethod
+    def _resize_and_crop(image, shortest_edge: int, crop_height: int, crop_width: int, resample) -> np.ndarray:
+        """The resize and centre crop of transformers' PIL image processors (`get_resize_output_image_size` with
+        `default_to_square=False`, then `center_crop`), on a PIL image; returns `[H, W, 3]` uint8."""
+        width, height = image.size
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(shortest_edge * long / short)
+        new_width, new_height = (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+        top, left = (new_height - crop_height) // 2, (new_width - crop_width) // 2
+        resized = image.resize((new_width, new_height), resample=resample)
+        return np.asarray(resized.crop((left, top, left + crop_width, top + crop_height)))
 
     # -- DKAM knowledge --------------------------------------------------------------------------------------
     def set_knowledge(self, knowledge: dict | None):

@@ -501,7 +501,7 @@ def child_score(run_dir: Path, output_dir: Path, n_eval: int):
     for use_knowledge, prefix in ((True, "auc_anchors"), (False, "auc_prompts")):
         started = time.time()
         outputs = classifier([row["image"] for row in rows], candidate_labels=PHANTOM_LABELS, multi_label=False,
-                             use_knowledge=use_knowledge, batch_size=32)
+                             use_knowledge=use_knowledge, batch_size=32, return_anchors=True)
         scores = np.array([[{item["label"]: item["score"] for item in out}[label] for label in PHANTOM_LABELS]
                            for out in outputs])
         anchored = sorted({item["label"] for out in outputs for item in out if item.get("anchor")})

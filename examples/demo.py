@@ -7,7 +7,8 @@ Steps (each skipped when its output already exists, so a rerun resumes):
    image–report stage for the convolutional tower, then DFAT + DKAM with SmolLM2 (first K layers, LoRA). The
    categories of `DEMO_HELD_OUT` are in no training label: L_CG never sees them, only the reports describe them;
 4. zero-shot evaluation on the test split with the category names as labels, with and without anchors, reported
-   for the seen and the held-out categories apart; then with anchors on the second test set;
+   for the seen and the held-out categories apart; then with anchors on the second test set. The three results go
+   into the checkpoint's model card (README.md);
 5. the real radiograph RG1_UNCR.dcm (pydicom-data) through `pipeline(...)` from the saved checkpoint.
 
 The data are synthetic phantoms: the numbers show that the method and the code work, nothing clinical.
@@ -25,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from radz.hub import update_model_card  # noqa: E402
 from radz.phantom import PHANTOM_LABELS, write_phantom_dataset  # noqa: E402
 from radz.presets import DEMO_HELD_OUT, DEMO_TRAINING, training_flags  # noqa: E402
 
@@ -151,6 +153,9 @@ def main(argv=None):
             )
         results[name] = json.loads((eval_dir / "metrics.json").read_text())
     write_report(out, results, started)
+    # The checkpoint's model card (written by training) gets the three results, and says the data are synthetic.
+    update_model_card(model_dir, list(results.values()), notes=[DISCLAIMER])
+    print(f"model card with the results: {model_dir / 'README.md'}")
 
     step("5. The real radiograph RG1_UNCR.dcm through pipeline(...)")
     classify_real_radiograph(model_dir)
@@ -241,11 +246,11 @@ def classify_real_radiograph(model_dir: Path):
     path = get_testdata_file("RG1_UNCR.dcm", download=False)
     classifier = pipeline("zero-shot-image-classification", model=str(model_dir), trust_remote_code=True)
     for multi_label in (False, True):
-        scores = classifier(path, candidate_labels=PHANTOM_LABELS, multi_label=multi_label)
+        scores = classifier(path, candidate_labels=PHANTOM_LABELS, multi_label=multi_label, return_anchors=True)
         kind = "multi-label (independent probabilities)" if multi_label else "single-label (softmax)"
         print(f"RG1_UNCR.dcm, {kind}:")
         for item in scores:
-            print(f"  {item['label']:<18} {item['score']:.3f}{'  (anchor)' if item.get('anchor') else ''}")
+            print(f"  {item['label']:<18} {item['score']:.3f}{'  (anchor)' if item['anchor'] else ''}")
     print("RG1_UNCR is a real chest CR with multiple round opacities; a model trained on phantoms is not a clinical tool.")
 
 

@@ -5,6 +5,8 @@ import json
 import re
 import sys
 
+from huggingface_hub import ModelCard
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -46,6 +48,14 @@ def test_demo_flow_runs_end_to_end_with_a_tiny_model(tmp_path, capsys):
     # The knowledge anchors change the scores: the two columns are not the same evaluation.
     assert [row[2] for row in rows] != [row[3] for row in rows]
     assert re.search(r"DFAT: 4 steps in [\d.]+ min \([\d.]+ s/step\)", report)
+
+    # The checkpoint's model card carries its metadata and the three results, and says SYNTHETIC.
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.pipeline_tag == "zero-shot-image-classification" and "synthetic-data" in card.data.tags
+    aucs = {r.metric_config: r.metric_value for r in card.data.eval_results if r.metric_type == "roc_auc"}
+    assert len(aucs) == len(demo.EVALUATIONS) and "SYNTHETIC" in card.text and "not a clinical tool" in card.text
+    macro = json.loads((out / "eval_with_anchors" / "metrics.json").read_text())["metrics"]["auc_macro"]
+    assert any(abs(value - macro) < 1e-4 for value in aucs.values())
 
     # RG1_UNCR.dcm went through pipeline(...) twice, with a score per label and the anchors marked.
     assert printed.count("RG1_UNCR.dcm,") == 2

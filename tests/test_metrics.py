@@ -321,7 +321,7 @@ def test_evaluate_load_by_path_works_alone_offline(tmp_path):
     code = (
         "import json\n"
         "import evaluate\n"
-        "m = evaluate.load('./metrics/radz_zero_shot')\n"
+        "m = evaluate.load('./radz/evaluation/radz_zero_shot')\n"
         "out = m.compute(predictions=[[0.9, 0.6], [0.2, 0.8], [0.7, 0.5]], references=[[1, 0], [0, 1], [0, 1]],\n"
         "                thresholds=0.5, threshold_protocol='fixed-0.5')\n"
         "print(json.dumps(out))\n"

@@ -1,6 +1,7 @@
 """The zero-shot-image-classification pipeline (pipeline_llava_radz.py), on the tiny model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ import json, numpy as np, torch
 from transformers import pipeline
 image = np.random.default_rng(0).integers(0, 256, (48, 40), dtype=np.uint8)
 clf = pipeline({TASK!r}, model={str(tiny_checkpoint)!r}, trust_remote_code=True)
-out = {{"class": type(clf).__name__, "result": clf(image, candidate_labels={LABELS!r})}}
+out = {{"class": type(clf).__name__, "result": clf(image, candidate_labels={LABELS!r}, return_anchors=True)}}
 clf.model.save_pretrained({str(tmp_path / "resaved")!r}); clf.processor.save_pretrained({str(tmp_path / "resaved")!r})
 again = pipeline({TASK!r}, model={str(tmp_path / "resaved")!r}, trust_remote_code=True, dtype=torch.bfloat16)
 out["resaved"] = again(image, candidate_labels={LABELS!r}, multi_label=True)
@@ -93,7 +94,7 @@ print(json.dumps(out))
     model = LlavaRadZForZeroShotClassification.from_pretrained(tiny_checkpoint).eval()
     processor = LlavaRadZProcessor.from_pretrained(tiny_checkpoint)
     local = LlavaRadZZeroShotImageClassificationPipeline(model=model, processor=processor, device="cpu")
-    expected = local(make_image(0), candidate_labels=LABELS)
+    expected = local(make_image(0), candidate_labels=LABELS, return_anchors=True)
     assert [r["label"] for r in out["result"]] == [r["label"] for r in expected]
     assert [r["score"] for r in out["result"]] == pytest.approx([r["score"] for r in expected], abs=1e-5)
 
@@ -104,12 +105,11 @@ print(json.dumps(out))
 def test_single_label_output_is_sorted_softmax_over_labels(clf):
     image = make_image(1)
     result = clf(image, candidate_labels=LABELS, use_knowledge=False)
-    assert [set(r) for r in result] == [{"score", "label", "anchor"}] * len(LABELS)
+    assert [set(r) for r in result] == [{"label", "score"}] * len(LABELS)
     assert sorted(r["label"] for r in result) == sorted(LABELS)
     scores = [r["score"] for r in result]
     assert scores == sorted(scores, reverse=True)
     assert sum(scores) == pytest.approx(1.0, abs=1e-5)
-    assert not any(r["anchor"] for r in result)
 
     expected = reference_logits(clf.model, clf.processor, image, LABELS).softmax(-1)
     assert {r["label"]: r["score"] for r in result} == pytest.approx(dict(zip(LABELS, expected.tolist())), abs=1e-5)
@@ -213,7 +213,8 @@ def test_knowledge_changes_the_embeddings_of_known_labels_only(clf):
             dim=1,
         )[0].softmax(-1).tolist()
     assert torch.allclose(on.embeds[0], anchors[0], atol=1e-6)
-    result = {r["label"]: (r["score"], r["anchor"]) for r in clf(make_image(7), candidate_labels=LABELS)}
+    outputs = clf(make_image(7), candidate_labels=LABELS, return_anchors=True)
+    result = {r["label"]: (r["score"], r["anchor"]) for r in outputs}
     expected = {label: (pytest.approx(p, abs=1e-5), row < 2) for row, (label, p) in enumerate(zip(LABELS, logits))}
     assert result == expected
 
@@ -224,7 +225,8 @@ def test_generated_knowledge_is_made_once_and_added_to_the_processor(clf, monkey
                            return_tensors="pt")  # fmt: skip
     monkeypatch.setattr(clf.model, "generate", lambda input_ids, **kw: torch.cat([input_ids, answer["input_ids"]], 1))
     generate = count_calls(monkeypatch, clf.model, "generate")
-    result = clf(make_image(8), candidate_labels=["Cardiomegaly", "Pneumothorax"], use_knowledge="generate")
+    result = clf(make_image(8), candidate_labels=["Cardiomegaly", "Pneumothorax"], use_knowledge="generate",
+                 return_anchors=True)
     assert generate["calls"] == 1  # only the label the knowledge base lacks
     descriptions = clf.processor.knowledge["Pneumothorax"]["descriptions"]
     assert descriptions and clf.generated_descriptions["pneumothorax"] == descriptions
@@ -232,7 +234,8 @@ def test_generated_knowledge_is_made_once_and_added_to_the_processor(clf, monkey
 
     clf(make_image(9), candidate_labels=["Pneumothorax", "No Finding"], use_knowledge="generate")
     assert generate["calls"] == 1
-    assert not clf(make_image(9), candidate_labels=["Pneumothorax"], use_knowledge=False)[0]["anchor"]
+    alone = clf(make_image(9), candidate_labels=["Pneumothorax"], use_knowledge=False, return_anchors=True)
+    assert not alone[0]["anchor"]
 
 
 def test_parse_descriptions():
@@ -260,10 +263,15 @@ def test_dicom_and_16_bit_png(clf, tmp_path):
     assert all(0.0 <= r["score"] <= 1.0 for result in results for r in result)
 
 
-def test_fast_preprocessing_equals_the_image_processor(clf):
-    images = [make_image(10, (512, 300)), make_image(11, (33, 200)), make_image(12, (64, 64, 3))]
-    expected = clf.processor(images=images)["pixel_values"]
-    assert torch.equal(clf.preprocess(images)["pixel_values"], expected)
+def test_the_processor_pixel_path_equals_the_image_processor(clf):
+    """The pixels of training, evaluation and the pipeline (`processor.pixel_values`) are the image processor's."""
+    from processing_llava_radz import load_radiographs
+
+    images = load_radiographs([make_image(10, (512, 300)), make_image(11, (33, 200)), make_image(12, (64, 64, 3))])
+    expected = clf.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    assert clf.processor._resize_settings() is not None  # the tiny preset's processor takes the direct path
+    assert torch.equal(clf.processor.pixel_values(images), expected)
+    assert torch.equal(clf.processor(images=images)["pixel_values"], expected)
 
 
 @pytest.fixture
@@ -327,9 +335,21 @@ def test_bad_options_fail_before_any_model_work(clf, monkeypatch, options, error
     assert image_calls["calls"] == 0
 
 
-def test_other_models_keep_transformers_own_pipeline():
-    """Registering the LLaVA-RadZ class takes over the task in the process; a CLIP model still gets the built-in."""
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ZeroShotImageClassificationPipeline
+def test_importing_the_pipeline_leaves_the_task_to_transformers(tiny_checkpoint):
+    """`config.custom_pipelines` routes a LLaVA-RadZ checkpoint to this class; nothing is registered at import, so in
+    the same process a CLIP model still gets transformers' built-in pipeline."""
+    from transformers import (
+        CLIPConfig, CLIPImageProcessorPil, CLIPModel, ZeroShotImageClassificationPipeline, pipeline,
+    )
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    import pipeline_llava_radz  # noqa: F401
+
+    impl = PIPELINE_REGISTRY.check_task(TASK)[1]["impl"]  # a dotted name: transformers resolves it lazily
+    assert str(getattr(impl, "__qualname__", impl)).endswith("ZeroShotImageClassificationPipeline")
+    assert "LlavaRadZ" not in str(impl)
+    ours = pipeline(TASK, model=str(tiny_checkpoint), trust_remote_code=True)
+    assert type(ours).__name__ == "LlavaRadZZeroShotImageClassificationPipeline"
 
     from radz.presets import build_tokenizer
 
@@ -346,9 +366,125 @@ def test_other_models_keep_transformers_own_pipeline():
         projection_dim=16,
     )
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    clf = LlavaRadZZeroShotImageClassificationPipeline(
-        model=CLIPModel(config).eval(), tokenizer=tokenizer, image_processor=image_processor, device="cpu"
-    )
-    assert type(clf) is ZeroShotImageClassificationPipeline
-    result = clf(Image.fromarray(make_image(0)).convert("RGB"), candidate_labels=["a", "b"])
+    clip = pipeline(TASK, model=CLIPModel(config).eval(), tokenizer=tokenizer, image_processor=image_processor,
+                    device="cpu")
+    assert type(clip) is ZeroShotImageClassificationPipeline
+    result = clip(Image.fromarray(make_image(0)).convert("RGB"), candidate_labels=["a", "b"])
     assert sorted(r["label"] for r in result) == ["a", "b"]
+    # and ours still answers in the same process
+    assert sorted(r["label"] for r in ours(make_image(0), candidate_labels=LABELS)) == sorted(LABELS)
+
+
+# -- the task's standard ----------------------------------------------------------------------------------------------
+
+
+def check_against_the_hub_spec(result):
+    """Every element is exactly a `ZeroShotImageClassificationOutputElement` of huggingface_hub: label and score."""
+    from dataclasses import fields
+
+    from huggingface_hub import ZeroShotImageClassificationOutputElement as Element
+
+    keys = {field.name for field in fields(Element)}
+    assert result and all(set(element) == keys for element in result)
+    for element in result:
+        parsed = Element(**element)
+        assert isinstance(parsed.label, str) and isinstance(parsed.score, float) and 0.0 <= parsed.score <= 1.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"multi_label": True}, {"use_knowledge": False}, {"templates": ["{}", "a radiograph of {}"]},
+     {"hypothesis_template": "This is a radiograph of {}."}, {"use_knowledge": "generate"}],
+)
+def test_every_output_element_matches_the_hub_spec(clf, options):
+    check_against_the_hub_spec(clf(make_image(20), candidate_labels=LABELS, **options))
+    for result in clf([make_image(21), make_image(22)], candidate_labels=LABELS, batch_size=1, **options):
+        check_against_the_hub_spec(result)
+
+
+def test_details_appear_only_when_asked(clf):
+    plain = clf(make_image(23), candidate_labels=LABELS)
+    detailed = clf(make_image(23), candidate_labels=LABELS, return_anchors=True)
+    assert [{"label": r["label"], "score": r["score"]} for r in detailed] == plain
+    assert {r["label"]: r["anchor"] for r in detailed} == {
+        "Cardiomegaly": True, "effusion": True, "pneumonia": False, "pneumothorax": False
+    }
+    assert clf(make_image(23), candidate_labels=LABELS, return_anchors=False) == plain
+    with pytest.raises(TypeError, match="return_anchors must be True or False"):
+        clf(make_image(23), candidate_labels=LABELS, return_anchors="yes")
+
+
+def test_the_built_in_pipeline_arguments_work(tiny_model, monkeypatch):
+    """`images=`, `hypothesis_template`, `batch_size` (per call and per pipeline), `device`, `timeout` and
+    `tokenizer_kwargs`, as transformers' own zero-shot image pipeline takes them."""
+    model, processor = tiny_model
+    clf = LlavaRadZZeroShotImageClassificationPipeline(model=model.eval(), processor=processor, device="cpu",
+                                                       batch_size=2)
+    assert clf.device == torch.device("cpu")
+    images = [make_image(seed) for seed in range(5)]
+    calls = count_calls(monkeypatch, clf.model, "get_image_features")
+    by_keyword = clf(images=images, candidate_labels=LABELS, hypothesis_template="a radiograph of {}", timeout=3.0)
+    assert calls == {"calls": 3, "rows": 5}  # the pipeline's batch_size=2: batches of 2, 2 and 1 images
+    at_once = clf(images, candidate_labels=LABELS, templates=["a radiograph of {}"], batch_size=5)
+    assert [[r["label"] for r in result] for result in by_keyword] == [
+        [r["label"] for r in result] for result in at_once
+    ]
+    assert [r["score"] for result in by_keyword for r in result] == pytest.approx(
+        [r["score"] for result in at_once for r in result], abs=1e-5)
+    assert calls["calls"] == 4
+    # padding changes no score; max_length is the label prompts' token limit; truncation=False refuses longer ones.
+    long_label = "pneumonia in the right lower lobe with air bronchograms"
+    labels = ["Cardiomegaly", long_label]
+    default = clf(images[0], candidate_labels=labels, use_knowledge=False)
+    assert clf(images[0], candidate_labels=labels, use_knowledge=False,
+               tokenizer_kwargs={"padding": "max_length"}) == default
+    short = clf(images[0], candidate_labels=labels, use_knowledge=False, tokenizer_kwargs={"max_length": 3})
+    processor.max_text_tokens = 3
+    expected = LlavaRadZZeroShotImageClassificationPipeline(model=model, processor=processor, device="cpu")(
+        images[0], candidate_labels=labels, use_knowledge=False)
+    processor.max_text_tokens = 128
+    assert [r["label"] for r in short] == [r["label"] for r in expected]
+    assert [r["score"] for r in short] == pytest.approx([r["score"] for r in expected], abs=1e-6)
+    assert {r["label"]: r["score"] for r in short} != pytest.approx({r["label"]: r["score"] for r in default})
+    with pytest.raises(ValueError, match=r"over max_length=3, and tokenizer_kwargs has truncation=False"):
+        clf(images[0], candidate_labels=labels, use_knowledge=False,
+            tokenizer_kwargs={"max_length": 3, "truncation": False})
+    with pytest.raises(TypeError, match=r"tokenizer_kwargs: unsupported key\(s\) \['return_tensors'\]"):
+        clf(images[0], candidate_labels=labels, tokenizer_kwargs={"return_tensors": "np"})
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over `tmp_path` (no network needed); `/slow` answers after 3 s."""
+    import threading
+    import time
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow":
+                time.sleep(3)
+            return super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_urls_are_fetched_with_the_timeout(clf, tmp_path, http_server):
+    Image.fromarray(make_image(30, (64, 48))).save(tmp_path / "cxr.png")
+    pydicom_data = pytest.importorskip("pydicom.data")
+    dicom = pydicom_data.get_testdata_file("RG1_UNCR.dcm", download=False)
+    shutil.copy(dicom, tmp_path / "study.dcm")
+    from_url = clf([f"{http_server}/cxr.png", f"{http_server}/study.dcm"], candidate_labels=LABELS, timeout=10)
+    assert from_url == clf([str(tmp_path / "cxr.png"), dicom], candidate_labels=LABELS)
+    with pytest.raises(ValueError, match=r"/slow: could not be fetched \(.*timed out"):
+        clf(f"{http_server}/slow", candidate_labels=LABELS, timeout=0.5)
+    missing = r"item 1 of the batch: .*/missing\.png: could not be fetched \(HTTP Error 404"
+    with pytest.raises(ValueError, match=missing):
+        clf([f"{http_server}/cxr.png", f"{http_server}/missing.png"], candidate_labels=LABELS)

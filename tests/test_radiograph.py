@@ -320,7 +320,7 @@ def test_a_dicomdir_or_its_folder_is_one_study(tiny_model):
     assert [r["file"] for r in folder] == [r["file"] for r in results]
     scores = [label["score"] for r in results for label in r["results"]]
     assert [label["score"] for r in folder for label in r["results"]] == pytest.approx(scores, abs=1e-6)
-    assert [r["label"] for r in image] and set(image[0]) == {"score", "label", "anchor"}
+    assert [r["label"] for r in image] and set(image[0]) == {"score", "label"}
 
 
 def test_a_folder_study_walks_subfolders_and_skips_what_is_not_an_image(tiny_model, tmp_path):

@@ -57,7 +57,7 @@ def test_pipeline_evaluate_and_harness_give_the_same_scores(
 ):
     model, processor = loaded
     clf = LlavaRadZZeroShotImageClassificationPipeline(model=model, processor=processor, device="cpu")
-    options = {"multi_label": multi_label, "use_knowledge": use_knowledge, "batch_size": BATCH}
+    options = {"multi_label": multi_label, "use_knowledge": use_knowledge, "batch_size": BATCH, "return_anchors": True}
     results = clf(images, candidate_labels=LABELS, **options)
     piped = score_matrix(results)
     anchored = ANCHORED if use_knowledge else [False] * len(LABELS)
@@ -117,10 +117,10 @@ def test_checkpoints_and_the_pipeline_save_carry_the_classifier(tiny_checkpoint,
 import json
 from transformers import pipeline
 clf = pipeline({TASK!r}, model={str(saved)!r}, trust_remote_code=True)
-print(json.dumps(clf({images[:2]!r}, candidate_labels={LABELS!r}, multi_label=True)))
+print(json.dumps(clf({images[:2]!r}, candidate_labels={LABELS!r}, multi_label=True, return_anchors=True)))
 """
     fresh = json.loads(run_python(code).strip().splitlines()[-1])
-    expected = clf(images[:2], candidate_labels=LABELS, multi_label=True)
+    expected = clf(images[:2], candidate_labels=LABELS, multi_label=True, return_anchors=True)
     np.testing.assert_allclose(score_matrix(fresh), score_matrix(expected), rtol=0, atol=1e-6)
     assert [[r["anchor"] for r in ranked] for ranked in fresh] == [[r["anchor"] for r in ranked] for ranked in expected]
 

@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ def handle_missing(frame: pd.DataFrame, path_columns: Sequence[str], on_missing:
         raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
     present = np.ones(len(frame), dtype=bool)
     for column in path_columns:
-        present &= np.fromiter((os.path.isfile(p) for p in frame[column]), dtype=bool, count=len(frame))
+        paths = tqdm(frame[column], desc=f"{dataset}: checking {column}", unit="file", leave=False)
+        present &= np.fromiter((os.path.isfile(p) for p in paths), dtype=bool, count=len(frame))
     n_missing = int((~present).sum())
     if n_missing == 0:
         return frame

@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from .base import (
     absolute_path,
@@ -169,7 +170,8 @@ def mimic_cxr(
     label_matrix[(images["_merge"] != "both").to_numpy()] = np.nan  # no label row: unknown, not negative
     columns = ["image", "report_path", "subject_id", "study_id", "dicom_id"] + (["view"] if "view" in images else [])
     frame = images[columns].reset_index(drop=True)
-    sections = [parse_report_sections(Path(p).read_text()) if os.path.isfile(p) else {} for p in frame["report_path"]]
+    reports = tqdm(frame["report_path"], desc="reading the reports", unit="report", leave=False)
+    sections = [parse_report_sections(Path(p).read_text()) if os.path.isfile(p) else {} for p in reports]
     frame["findings"] = [s.get("FINDINGS") or s.get("FINDINGS AND IMPRESSION", "") for s in sections]
     frame["impression"] = [s.get("IMPRESSION", "") for s in sections]
     frame["report"] = [join_report(f, i) for f, i in zip(frame["findings"], frame["impression"])]

@@ -72,6 +72,7 @@ class RadZScorer(Scorer):
             use_knowledge=self.use_knowledge,
             hypothesis_template=self.template,
             batch_size=self.batch_size,
+            return_anchors=True,
         )
         scores = np.zeros((len(images), len(labels)))
         column = {label: c for c, label in enumerate(labels)}

@@ -1,6 +1,7 @@
 """Metric layer of the zero-shot evaluation harness.
 
-The numbers come from the `evaluate` module in ``metrics/radz_zero_shot`` (loaded by path, so it works offline);
+The numbers come from the `evaluate` module ``radz_zero_shot`` beside this file (package data, loaded by path, so it
+works offline and from an installed wheel);
 this file adds what the module cannot know: how F1/ACC thresholds are chosen, bootstrap confidence intervals
 for AUC, and the markdown report.
 
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import evaluate
 import numpy as np
+from tqdm.auto import tqdm
 
-METRIC_DIR = Path(__file__).resolve().parents[2] / "metrics" / "radz_zero_shot"
+METRIC_DIR = Path(__file__).resolve().parent / "radz_zero_shot"
 PROTOCOLS = ("validation", "fixed", "oracle")
 ORACLE_CAPTION = "oracle: thresholds chosen on test labels"
 # Where each task's summary AUC lives in the metric module's output.
@@ -36,11 +38,11 @@ class ThresholdChoice:
 
 
 def load_metric() -> evaluate.EvaluationModule:
-    """Load the ``radz_zero_shot`` metric from the repository, wherever the caller runs from."""
+    """Load the ``radz_zero_shot`` metric shipped inside the package, wherever the caller runs from."""
     if not (METRIC_DIR / "radz_zero_shot.py").is_file():
         raise FileNotFoundError(
-            f"the metric module was not found at {METRIC_DIR / 'radz_zero_shot.py'}; it lives in the repository's "
-            "metrics/ folder, so use a source checkout (pip install -e .) rather than a wheel"
+            f"the metric module was not found at {METRIC_DIR / 'radz_zero_shot.py'}; it is package data of "
+            "llava-radz: reinstall the package (pip install llava-radz)"
         )
     # In memory: no arrow cache files or file locks under HF_HOME for what is a single in-process computation.
     return evaluate.load(str(METRIC_DIR), keep_in_memory=True)
@@ -174,13 +176,15 @@ def bootstrap_auc_ci(scores, labels, n_boot: int = 1000, seed: int = 0, alpha: f
     rng = np.random.default_rng(seed)
     aucs = np.full((n_boot, n_classes), math.nan)
     chunk = max(1, 2_000_000 // n_rows)  # bounds the [chunk, N] count matrix in memory
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        rows = rng.integers(0, n_rows, size=(size, n_rows))
-        flat = (rows + n_rows * np.arange(size)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=size * n_rows).reshape(size, n_rows)
-        for c in np.flatnonzero(defined):
-            aucs[start : start + size, c] = columns[c](counts)
+    with tqdm(total=n_boot, desc="bootstrap AUC", unit="resample", leave=False) as progress:
+        for start in range(0, n_boot, chunk):
+            size = min(chunk, n_boot - start)
+            rows = rng.integers(0, n_rows, size=(size, n_rows))
+            flat = (rows + n_rows * np.arange(size)[:, None]).ravel()
+            counts = np.bincount(flat, minlength=size * n_rows).reshape(size, n_rows)
+            for c in np.flatnonzero(defined):
+                aucs[start : start + size, c] = columns[c](counts)
+            progress.update(size)
 
     def interval(samples: np.ndarray) -> tuple[float, float]:
         samples = samples[np.isfinite(samples)]

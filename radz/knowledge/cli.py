@@ -1,5 +1,5 @@
-"""`python train_radz.py generate-knowledge ...` (or `python -m radz.knowledge.cli ...`): write a DKAM knowledge
-file with an LLM.
+"""`radz-knowledge ...` (also `python train_radz.py generate-knowledge ...`, `python -m radz.knowledge.cli ...`): write
+a DKAM knowledge file with an LLM.
 
 Examples:
     python -m radz.knowledge.cli --model smollm2 --knowledge phantom --output knowledge.json
@@ -26,9 +26,12 @@ def checkpoint_id(directory: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from radz.cli import HelpFormatter
+
     parser = argparse.ArgumentParser(
-        prog="generate-knowledge",
+        prog="radz-knowledge",
         description="Write DKAM category descriptions with an LLM (one prompt per category, greedy decoding).",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model", required=True,
@@ -41,10 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bundled knowledge base name or a knowledge JSON path: its categories are generated and its "
         "entries are the fallback and the synonyms",
     )
-    parser.add_argument("--num_descriptions", type=int, default=3)
-    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--num_descriptions", type=int, default=3, help="descriptions per category")
+    parser.add_argument("--max_new_tokens", type=int, default=96, help="length of each generated answer")
     parser.add_argument("--prompt_template", type=Path, help="a text file with the user prompt template")
-    parser.add_argument("--output", type=Path, default=Path("knowledge.json"))
+    parser.add_argument("--output", type=Path, default=Path("knowledge.json"), help="the knowledge file written")
     parser.add_argument("--cache_dir", type=Path, help="default: $LLAVA_RADZ_CACHE/knowledge or ~/.cache/llava_radz/knowledge")
     return parser
 

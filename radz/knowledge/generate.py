@@ -13,6 +13,8 @@ import os
 import warnings
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from knowledge_llava_radz import (
     DEFAULT_PROMPT,
     GENERATION_KWARGS,
@@ -120,7 +122,7 @@ def generate_knowledge(
             return validate_knowledge(cached["knowledge"], source=str(cache_file))
 
     knowledge, answers = {}, {}
-    for category in categories:
+    for category in tqdm(categories, desc="writing DKAM knowledge", unit="category"):
         text, descriptions = describe_category(
             model, tokenizer, category, categories, num_descriptions, prompt_template, synonyms[category],
             system_prompt, response_prefix, max_new_tokens, generation_kwargs,

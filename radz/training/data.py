@@ -26,6 +26,7 @@ import datasets
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+from tqdm.auto import tqdm
 
 from radiograph_llava_radz import RadiographError, load_radiograph
 
@@ -150,7 +151,8 @@ def scan_dataset(
     """
     keep, log = [], BadSampleLog(max_bad_fraction, min_samples=0)
     reports = ds["report"] if require_report else [None] * len(ds)
-    for index, (path, report) in enumerate(zip(ds["image"], reports)):
+    rows = tqdm(zip(ds["image"], reports), total=len(ds), desc="scanning the training data", unit="row")
+    for index, (path, report) in enumerate(rows):
         log.seen += 1
         if not os.path.isfile(path):
             log.bad.append((path, "image file not found"))

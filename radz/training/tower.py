@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from modeling_llava_radz import clip_loss
 from radiograph_llava_radz import RadiographError, load_radiograph
@@ -100,7 +101,7 @@ def pretrain_vision_tower(
 
     order, rng = [], random.Random(seed)
     curve, sums, skipped, started = [], {"loss": 0.0, "retrieval_top1": 0.0}, 0, time.time()
-    for step in range(1, steps + 1):
+    for step in tqdm(range(1, steps + 1), desc="tower pretraining", unit="step"):
         images, texts = [], []
         while len(images) < batch_size:
             if not order:

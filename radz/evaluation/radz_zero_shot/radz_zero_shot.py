@@ -58,7 +58,7 @@ Returns (multiclass): accuracy, f1_macro, confusion_matrix (rows = true class), 
     true grade|), quadratic_kappa, auc_ovr_macro over the classes where one-vs-rest AUC is defined (n_classes_auc),
     per_class {name: {auc, f1, support}}. ordinal_mae and quadratic_kappa assume the classes are ordered grades.
 Examples:
-    >>> metric = evaluate.load("./metrics/radz_zero_shot")
+    >>> metric = evaluate.load("./radz/evaluation/radz_zero_shot")
     >>> out = metric.compute(predictions=[[0.9, 0.2], [0.1, 0.7], [0.8, 0.4]],
     ...                      references=[[1, 0], [0, 1], [0, float("nan")]],
     ...                      label_names=["Cardiomegaly", "Effusion"], thresholds=[0.5, 0.5],
