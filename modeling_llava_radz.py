@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, LlavaForConditionalGeneration, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import ModelOutput
 
 try:
@@ -30,6 +31,9 @@ except ImportError:
 # `save_pretrained` copies the pipeline file (and the zero-shot classifier it imports) into the checkpoint and
 # declares it in `config.custom_pipelines`.
 PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py")
+# The MLP heads of LlavaRadZForZeroShotClassification (everything trainable outside the LLaVA model but the
+# temperature and the sigmoid bias).
+HEAD_MODULES = ("image_global_head", "text_global_head", "image_local_head", "text_local_head", "anchor_head")
 PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,7 +195,8 @@ class LlavaRadZHead(nn.Module):
         self.input_std.copy_(std.clamp(min=0.01 * float(std.median()) + 1e-8))
 
     def forward(self, hidden_states):
-        hidden_states = (hidden_states - self.input_mean) / self.input_std
+        # The head keeps float32 weights under a bf16/fp16/4-bit LLM (`_keep_in_fp32_modules_strict`).
+        hidden_states = (hidden_states.to(self.input_mean.dtype) - self.input_mean) / self.input_std
         return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
 
 
@@ -203,7 +208,11 @@ class LlavaRadZPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    # The heads and the temperature stay in float32 when the LLM loads in bf16/fp16: the InfoNCE logits are
+    # `exp(logit_scale)·cos` with scales up to 100, where bf16 keeps 2-3 significant digits.
+    _keep_in_fp32_modules_strict = [*HEAD_MODULES, "logit_scale", "category_bias"]
+    # No `_no_split_modules` here: `post_init` collects those of the wrapped LLaVA (its LLM's decoder layer, its
+    # tower's encoder layer), so device maps and FSDP wrap Mistral, Llama or any other backbone right.
 
     def _init_weights(self, module):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -249,6 +258,11 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         self.category_bias = nn.Parameter(torch.zeros(())) if config.category_loss == "sigmoid" else None
         self.post_init()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LLaVA model's dtype (what inputs are cast to and `save_pretrained` records), not the float32 heads'."""
+        return self.llava.dtype
+
     # -- embeddings, generation ------------------------------------------------------------------------------
     def get_input_embeddings(self):
         return self.llava.get_input_embeddings()
@@ -274,7 +288,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         return torch.tensor(ids, device=self.llava.device)
 
     def _read_states(self, modality, input_ids, attention_mask, pixel_values=None):
-        """One LLM pass; the pooled special-token states and the mean content-token state at `feature_layer`."""
+        """One LLM pass up to `feature_layer`; the pooled special-token states and the mean content-token state."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cls_mask = torch.isin(input_ids, self._cls_ids(modality)) & attention_mask.bool()
@@ -286,14 +300,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 f"{modality} pass: row {row} holds {int(counts[row])} special tokens, expected {n}; "
                 "build the inputs with LlavaRadZProcessor"
             )
-        outputs = self.llava.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        states = outputs.hidden_states[self.config.feature_layer]
+        states = self._llm_states(input_ids, attention_mask, pixel_values)
         cls_states = states[cls_mask].view(len(states), n, -1)
         if self.config.pooling == "mean":
             pooled = cls_states.mean(dim=1)
@@ -309,6 +316,48 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         weights = content.unsqueeze(-1).to(states.dtype)
         local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return pooled, local
+
+    def _llm_states(self, input_ids, attention_mask, pixel_values=None):
+        """`hidden_states[feature_layer]` of the LLM, running only the decoder layers it needs.
+
+        The steps of `LlavaModel.forward` (image features in place of the `<image>` tokens) and of
+        `LlamaModel.forward` / `MistralModel.forward` (mask, rotary embeddings, layers), stopped at `feature_layer`:
+        with the default -2 the last layer and the LM head are never computed, and no other layer's states are
+        kept. Index `num_layers` (-1) is the last layer's output after the final norm.
+        """
+        inner = self.llava.model
+        inputs_embeds = inner.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+            features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = inner.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, features)
+
+        language_model = inner.language_model
+        num_layers = language_model.config.num_hidden_layers
+        stop = self.config.feature_layer % (num_layers + 1)
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        sliding = getattr(language_model.config, "sliding_window", None) is not None
+        mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
+        mask = mask_function(
+            config=language_model.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in language_model.layers[:stop]:
+            hidden_states = decoder_layer(
+                hidden_states,  # positional: gradient checkpointing replays the layer from its positional inputs
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=None,
+                use_cache=False,
+            )
+        return language_model.norm(hidden_states) if stop == num_layers else hidden_states
 
     def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
         pooled, local = self._read_states(modality, input_ids, attention_mask, pixel_values)
@@ -538,7 +587,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         # One config object for the wrapper and the wrapped model, as when built from a config.
         config.vision_config, config.text_config = llava.config.vision_config, llava.config.text_config
         llava.config = llava.model.config = config
-        model = cls(config, llava=llava).to(device=llava.device, dtype=llava.dtype)
+        with torch.device(llava.device):  # the heads beside the LLM, in float32 whatever the LLM's dtype
+            model = cls(config, llava=llava)
         model.calibrate_heads(*processor.calibration_inputs())
         return model
 

@@ -34,6 +34,7 @@ from radz.training import (
     pretrain_vision_tower,
     scan_dataset,
 )
+from radz.training import precision
 
 logger = logging.getLogger("train_radz")
 
@@ -49,8 +50,10 @@ def load_knowledge_arg(name_or_path: str) -> dict:
     return load_knowledge(name_or_path)
 
 
-def build_model(args: ModelArguments):
-    """(model, processor) from a LLaVA checkpoint (`--base_model`) or a preset (`--config`), with the knowledge."""
+def build_model(args: ModelArguments, training_args: RadZTrainingArguments):
+    """(model, processor) from a LLaVA checkpoint (`--base_model`) or a preset (`--config`), with the knowledge;
+    the base model in the precision of `--dtype` / `--bf16` / `--attn_implementation` / `--load_in_4bit`."""
+    load_kwargs = precision.load_kwargs(args, training_args)
     overrides = {k: getattr(args, k) for k in ("dkam_lambda", "alignment") if getattr(args, k) is not None}
     if args.config is not None:
         from radz.presets import build_from_preset
@@ -58,12 +61,17 @@ def build_model(args: ModelArguments):
         if args.num_cls_tokens is not None:
             overrides["num_cls_tokens"] = args.num_cls_tokens
         model, processor = build_from_preset(args.config, **overrides)
+        model.llava.to(load_kwargs["dtype"])
+        if args.attn_implementation is not None:
+            model.set_attn_implementation(args.attn_implementation)
     else:
         from modeling_llava_radz import LlavaRadZForZeroShotClassification
         from processing_llava_radz import LlavaRadZProcessor
 
         processor = LlavaRadZProcessor.from_llava(args.base_model, num_cls_tokens=args.num_cls_tokens or 8)
-        model = LlavaRadZForZeroShotClassification.from_llava(args.base_model, processor=processor, **overrides)
+        model = LlavaRadZForZeroShotClassification.from_llava(
+            args.base_model, processor=processor, load_kwargs=load_kwargs, **overrides
+        )
     if args.knowledge is not None:
         processor.set_knowledge(load_knowledge_arg(args.knowledge))
     return model, processor
@@ -72,7 +80,7 @@ def build_model(args: ModelArguments):
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: RadZTrainingArguments):
     """Build, train and save; returns the trainer (its `model` is the merged model afterwards)."""
     set_seed(training_args.seed)
-    model, processor = build_model(model_args)
+    model, processor = build_model(model_args, training_args)
 
     # The main process builds the datasets cache first; the other ranks then read it.
     with training_args.main_process_first(desc="loading the data"):
