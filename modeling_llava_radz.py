@@ -317,6 +317,10 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return pooled, local
 
+    def feature_layer_count(self) -> int:
+        """How many decoder layers the image and text passes run: `hidden_states[i]` is the output of layer i."""
+        return self.config.feature_layer % (self.config.text_config.num_hidden_layers + 1)
+
     def _llm_states(self, input_ids, attention_mask, pixel_values=None):
         """`hidden_states[feature_layer]` of the LLM, running only the decoder layers it needs.
 
@@ -334,8 +338,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, features)
 
         language_model = inner.language_model
-        num_layers = language_model.config.num_hidden_layers
-        stop = self.config.feature_layer % (num_layers + 1)
+        num_layers, stop = language_model.config.num_hidden_layers, self.feature_layer_count()
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         sliding = getattr(language_model.config, "sliding_window", None) is not None
         mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask

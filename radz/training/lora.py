@@ -26,11 +26,13 @@ ADAPTER_MARKERS = ("lora_", "trainable_tokens_")
 NON_ADAPTER_FILE = "non_adapter_trainable.safetensors"
 
 
-def lora_target_regex(module_names) -> str:
+def lora_target_regex(module_names, num_layers: int | None = None) -> str:
     """A peft `target_modules` regex matching `module_names` inside the LLM only (the CLIP tower has q_proj too);
-    it fits LLaVA-RadZ (`llava.model.language_model…`) and a plain LLaVA (`model.language_model…`)."""
+    it fits LLaVA-RadZ (`llava.model.language_model…`) and a plain LLaVA (`model.language_model…`). With
+    `num_layers`, only in the first `num_layers` decoder layers."""
     names = "|".join(re.escape(name) for name in module_names)
-    return rf"(.*\.)?language_model\..*\.({names})"
+    layers = r"\d+" if num_layers is None else "|".join(str(i) for i in range(num_layers))
+    return rf"(.*\.)?language_model\.layers\.({layers})\..*\.({names})"
 
 
 def _set_outside_llm_trainable(model, train_vision_tower: bool):
@@ -67,7 +69,8 @@ def prepare_for_training(model, args: ModelArguments):
             r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
-            target_modules=lora_target_regex(targets),
+            # Only the layers that the passes run (those up to feature_layer): LoRA on later ones never trains.
+            target_modules=lora_target_regex(targets, model.feature_layer_count()),
             trainable_token_indices={"embed_tokens": token_ids},
         )
         model = get_peft_model(model, config)
