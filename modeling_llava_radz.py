@@ -195,9 +195,11 @@ class LlavaRadZHead(nn.Module):
         self.input_std.copy_(std.clamp(min=0.01 * float(std.median()) + 1e-8))
 
     def forward(self, hidden_states):
-        # The head keeps float32 weights under a bf16/fp16/4-bit LLM (`_keep_in_fp32_modules_strict`).
-        hidden_states = (hidden_states.to(self.input_mean.dtype) - self.input_mean) / self.input_std
-        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+        # The head computes in float32 under a 16-bit or 4-bit LLM and under the Trainer's autocast: its weights
+        # are kept float32 (`_keep_in_fp32_modules_strict`), and so are the embeddings it gives the InfoNCE.
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            hidden_states = (hidden_states.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+            return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
 
 
 class LlavaRadZPreTrainedModel(PreTrainedModel):
