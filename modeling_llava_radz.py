@@ -27,6 +27,10 @@ try:
     from .configuration_llava_radz import LlavaRadZConfig
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
+try:
+    from .convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
+except ImportError:
+    from convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
 
 # `save_pretrained` copies the pipeline file (and the zero-shot classifier it imports) into the checkpoint and
 # declares it in `config.custom_pipelines`.
@@ -536,8 +540,12 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
 
     # -- conversion from LLaVA -------------------------------------------------------------------------------
     @classmethod
-    def from_llava(cls, llava_dir_or_model, processor=None, load_kwargs: dict | None = None, **config_overrides):
-        """Turn a transformers `LlavaForConditionalGeneration` (object, hub id or directory) into LLaVA-RadZ.
+    def from_llava(
+        cls, llava_dir_or_model, processor=None, load_kwargs: dict | None = None, vision_tower=None, **config_overrides
+    ):
+        """Turn a transformers `LlavaForConditionalGeneration` (object, hub id or directory) into LLaVA-RadZ; or an
+        original-layout LLaVA-1.5 / LLaVA-Med v1.5 directory (`llava_llama`, `llava_mistral`), converted by
+        convert_llava_radz.py with its CLIP tower from `mm_vision_tower` or `vision_tower` (e.g. a local directory).
 
         Adds `<ImgCls_*>`/`<TxtCls_*>` (ids from `processor`, or from `LlavaRadZProcessor.from_llava` on the
         same checkpoint), resizes the embeddings where needed and sets the new rows to the mean embedding;
@@ -550,30 +558,45 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         except ImportError:
             from processing_llava_radz import LlavaRadZProcessor
 
+        num = config_overrides.get("num_cls_tokens", LlavaRadZConfig.num_cls_tokens)
         if isinstance(llava_dir_or_model, LlavaForConditionalGeneration):
             llava = llava_dir_or_model
             if processor is None:
                 raise ValueError("from_llava(model_object) needs processor=LlavaRadZProcessor.from_llava(...)")
-        elif isinstance(llava_dir_or_model, (str, Path)):
+        elif not isinstance(llava_dir_or_model, (str, Path)):
+            raise TypeError(
+                f"from_llava expects a LlavaForConditionalGeneration or a checkpoint id/directory, "
+                f"got {type(llava_dir_or_model).__name__}"
+            )
+        elif read_original_config(llava_dir_or_model) is not None:
+            source = str(llava_dir_or_model)
+            unsupported = set(load_kwargs or {}) - {"dtype", "attn_implementation"}
+            if unsupported:
+                raise ValueError(
+                    f"{source}: an original-layout checkpoint converts in memory with dtype/attn_implementation "
+                    f"only, not {sorted(unsupported)}; write it converted first (python convert_llava_radz.py "
+                    f"{source} OUTPUT_DIR) and load OUTPUT_DIR"
+                )
+            llava, _ = convert_original_llava(source, vision_tower, **(load_kwargs or {}))
+            if processor is None:
+                processor = LlavaRadZProcessor.from_llava(source, num_cls_tokens=num, vision_tower=vision_tower)
+        else:
             source = str(llava_dir_or_model)
             try:
                 found = AutoConfig.from_pretrained(source).model_type
             except (OSError, ValueError) as error:
                 raise ValueError(f"{source}: cannot read a model config from it ({error})") from error
             if found != "llava":
-                raise ValueError(f"{source}: expected a LLaVA checkpoint (model_type 'llava'), found {found!r}")
+                raise ValueError(
+                    f"{source}: expected a LLaVA checkpoint (model_type 'llava', or the original layout's "
+                    f"'llava_llama' / 'llava_mistral'), found {found!r}"
+                )
             llava = LlavaForConditionalGeneration.from_pretrained(source, **(load_kwargs or {}))
             if processor is None:
-                num = config_overrides.get("num_cls_tokens", LlavaRadZConfig.num_cls_tokens)
                 processor = LlavaRadZProcessor.from_llava(source, num_cls_tokens=num)
-        else:
-            raise TypeError(
-                f"from_llava expects a LlavaForConditionalGeneration or a checkpoint id/directory, "
-                f"got {type(llava_dir_or_model).__name__}"
-            )
 
         image_ids, text_ids = processor.cls_token_ids("image"), processor.cls_token_ids("text")
-        _add_token_rows(llava, image_ids + text_ids)
+        add_token_rows(llava, image_ids + text_ids)
 
         settings = llava.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
@@ -616,20 +639,6 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             if not (target.exists() and target.samefile(pipeline_dir / name)):
                 shutil.copyfile(pipeline_dir / name, target)
         return result
-
-
-def _add_token_rows(llava: LlavaForConditionalGeneration, token_ids: list[int]):
-    """Make room for `token_ids` and set their input (and untied output) embedding rows to the mean row."""
-    embeddings = llava.get_input_embeddings()
-    old_rows = embeddings.weight.shape[0]
-    if max(token_ids) >= old_rows:
-        llava.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)
-    ids = torch.tensor(token_ids)
-    weights = {llava.get_input_embeddings().weight, llava.get_output_embeddings().weight}  # one when tied
-    with torch.no_grad():
-        means = [(weight, weight[:old_rows].mean(dim=0)) for weight in weights]
-        for weight, mean in means:
-            weight[ids] = mean
 
 
 LlavaRadZConfig.register_for_auto_class()

@@ -19,9 +19,15 @@ try:
     from .radiograph_llava_radz import RadiographError, load_radiograph, load_radiographs, to_uint8
 except ImportError:
     from radiograph_llava_radz import RadiographError, load_radiograph, load_radiographs, to_uint8
+try:
+    from .convert_llava_radz import conversation_prompt, original_llava_processor, read_original_config
+except ImportError:
+    from convert_llava_radz import conversation_prompt, original_llava_processor, read_original_config
 
 
 KNOWLEDGE_FILE = "knowledge.json"
+DEFAULT_IMAGE_PROMPT = "{image}\nDescribe the findings of this chest radiograph."
+DEFAULT_TEXT_PROMPT = "Radiology report: {text}"
 
 
 # Generic, varied sentences for `LlavaRadZProcessor.calibration_inputs`.
@@ -121,8 +127,8 @@ class LlavaRadZProcessor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int = 576,
         num_cls_tokens: int = 8,
-        image_prompt_template: str = "{image}\nDescribe the findings of this chest radiograph.",
-        text_prompt_template: str = "Radiology report: {text}",
+        image_prompt_template: str = DEFAULT_IMAGE_PROMPT,
+        text_prompt_template: str = DEFAULT_TEXT_PROMPT,
         image_cls_token_format: str = "<ImgCls_{}>",
         text_cls_token_format: str = "<TxtCls_{}>",
         image_token: str = "<image>",
@@ -169,16 +175,25 @@ class LlavaRadZProcessor(ProcessorMixin):
         return tokenizer
 
     @classmethod
-    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = 8, **kwargs):
-        """Build a LLaVA-RadZ processor from a transformers `LlavaProcessor` (object, hub id or directory).
+    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = 8, vision_tower=None, **kwargs):
+        """Build a LLaVA-RadZ processor from a transformers `LlavaProcessor` (object, hub id or directory), or from
+        an original-layout LLaVA-1.5 / LLaVA-Med v1.5 directory (convert_llava_radz.py; `vision_tower` overrides its
+        `mm_vision_tower`), whose passes are written in that model's conversation format.
 
         Adds the special tokens to its tokenizer and takes the image-token count from its patch size,
         image size and feature-select strategy, as `LlavaProcessor` expands `<image>`.
         """
         from transformers import LlavaProcessor
 
+        original = None if isinstance(llava_dir_or_processor, LlavaProcessor) else read_original_config(
+            llava_dir_or_processor
+        )
         if isinstance(llava_dir_or_processor, LlavaProcessor):
             llava_processor = llava_dir_or_processor
+        elif original is not None:
+            llava_processor = original_llava_processor(llava_dir_or_processor, vision_tower)
+            kwargs.setdefault("image_prompt_template", conversation_prompt(original, DEFAULT_IMAGE_PROMPT))
+            kwargs.setdefault("text_prompt_template", conversation_prompt(original, DEFAULT_TEXT_PROMPT))
         else:
             try:
                 llava_processor = LlavaProcessor.from_pretrained(llava_dir_or_processor)

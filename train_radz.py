@@ -68,9 +68,11 @@ def build_model(args: ModelArguments, training_args: RadZTrainingArguments):
         from modeling_llava_radz import LlavaRadZForZeroShotClassification
         from processing_llava_radz import LlavaRadZProcessor
 
-        processor = LlavaRadZProcessor.from_llava(args.base_model, num_cls_tokens=args.num_cls_tokens or 8)
+        processor = LlavaRadZProcessor.from_llava(
+            args.base_model, num_cls_tokens=args.num_cls_tokens or 8, vision_tower=args.vision_tower
+        )
         model = LlavaRadZForZeroShotClassification.from_llava(
-            args.base_model, processor=processor, load_kwargs=load_kwargs, **overrides
+            args.base_model, processor=processor, load_kwargs=load_kwargs, vision_tower=args.vision_tower, **overrides
         )
     if args.knowledge is not None:
         processor.set_knowledge(load_knowledge_arg(args.knowledge))

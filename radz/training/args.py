@@ -23,6 +23,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "A transformers LLaVA checkpoint (hub id or directory), converted with `from_llava`."},
     )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "With an original-layout --base_model (LLaVA-1.5, LLaVA-Med v1.5): the CLIP tower directory to use "
+            "instead of its config's mm_vision_tower."
+        },
+    )
     config: str | None = field(
         default=None,
         metadata={"help": "Instead of --base_model: a preset name ('tiny') or a preset JSON for `build_from_preset`."},
