@@ -103,8 +103,52 @@ def save_qlora_llava(directory):
         test_core.LlamaConfig = original
 
 
-def test_qlora_trains_4bit_layers_and_saves_a_bfloat16_checkpoint(tmp_path, data):  # noqa: F811
-    pytest.importorskip("bitsandbytes")
+@pytest.fixture
+def trainable_cpu_4bit(monkeypatch):
+    """bitsandbytes without its AVX512-BF16 CPU packing, whose packed 4-bit kernel has no backward (see
+    `radz.training.precision.check_trainable_4bit`): the plain 4-bit kernels, as on a GPU."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: False)
+
+
+def test_qlora_gradients_equal_those_of_the_dequantised_model(tmp_path, trainable_cpu_4bit):
+    import copy
+
+    save_qlora_llava(tmp_path / "llava")
+    model, processor, model_args = build(tmp_path / "llava", tmp_path, {"load_in_4bit": True}, {})
+    peft_model = prepare_for_training(model, model_args)
+    with torch.no_grad():  # non-zero LoRA B, so that every LoRA matrix gets a gradient
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    twin = copy.deepcopy(peft_model)  # the same model with its 4-bit weights de-quantised to float32
+    twin.get_base_model().llava.dequantize(dtype=torch.float32)
+    twin.requires_grad_(False)
+    for name, param in twin.named_parameters():
+        param.requires_grad_(peft_model.get_parameter(name).requires_grad)
+    inputs = processor(images=images(4), text=REPORTS + ["no pneumothorax"])
+    grads = []
+    for candidate in (peft_model, twin):
+        candidate.train()
+        candidate(**inputs, return_loss=True).loss.backward()
+        grads.append({n: p.grad for n, p in candidate.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in name for name in grads[0])
+    assert any("trainable_tokens" in name for name in grads[0])  # reached through every 4-bit layer
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_qlora_refuses_weights_packed_for_cpu_inference(tmp_path):
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    if not modules.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not pack its 4-bit weights")
+    save_qlora_llava(tmp_path / "llava")
+    model, _, model_args = build(tmp_path / "llava", tmp_path, {"load_in_4bit": True}, {})  # calibration packs
+    with pytest.raises(ValueError, match="layers.0.self_attn.q_proj .* packed these 4-bit weights for CPU inference"):
+        prepare_for_training(model, model_args)
+
+
+def test_qlora_trains_4bit_layers_and_saves_a_bfloat16_checkpoint(tmp_path, data, trainable_cpu_4bit):  # noqa: F811
     import bitsandbytes as bnb
 
     llava = save_qlora_llava(tmp_path / "llava")
@@ -146,3 +190,23 @@ def test_qlora_trains_4bit_layers_and_saves_a_bfloat16_checkpoint(tmp_path, data
     with torch.no_grad():
         out = reloaded(**processor(images=images(2), text=REPORTS[:2]))
     assert torch.isfinite(out.logits_per_image.float()).all()
+
+
+def test_a_bfloat16_model_scores_like_the_float32_one(tiny_model):
+    import copy
+
+    from zero_shot_llava_radz import build_zero_shot_classifier
+
+    model, processor = tiny_model
+    model.eval()
+    half = copy.deepcopy(model)
+    half.llava.to(torch.bfloat16)
+    labels = ["Cardiomegaly", "Pleural Effusion", "pneumothorax"]  # two anchored by the knowledge, one prompt
+    inputs = processor(images=images(4))
+    scores = {}
+    with torch.no_grad():
+        for name, candidate in (("float32", model), ("bfloat16", half)):
+            classifier = build_zero_shot_classifier(candidate, processor, labels, multi_label=True)
+            assert classifier.embeds.dtype == torch.float32  # the heads' dtype, not the LLM's
+            scores[name] = classifier.probabilities(candidate.get_image_features(**inputs))
+    torch.testing.assert_close(scores["bfloat16"], scores["float32"], atol=0.05, rtol=0)

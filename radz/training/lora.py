@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model, p
 from modeling_llava_radz import HEAD_MODULES
 
 from .args import ModelArguments
-from .precision import is_quantized
+from .precision import check_trainable_4bit, is_quantized
 
 # Parameter-name markers of peft's own trainable tensors (LoRA matrices, trainable-token deltas).
 ADAPTER_MARKERS = ("lora_", "trainable_tokens_")
@@ -58,6 +58,7 @@ def prepare_for_training(model, args: ModelArguments):
     if is_quantized(model):
         # QLoRA: every weight that is not 4-bit goes to float32 (peft's recipe); gradient checkpointing is the
         # Trainer's `--gradient_checkpointing`.
+        check_trainable_4bit(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         # The trainable token rows are deltas in the embedding's dtype: a float32 embedding keeps them float32.

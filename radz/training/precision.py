@@ -60,3 +60,22 @@ def load_kwargs(model_args, training_args) -> dict:
 def is_quantized(model) -> bool:
     """Whether the LLaVA model inside `model` (a LlavaRadZForZeroShotClassification) holds 4-bit weights."""
     return bool(getattr(model.llava, "is_loaded_in_4bit", False))
+
+
+def check_trainable_4bit(model):
+    """Raise a `ValueError` naming the layers whose 4-bit weights bitsandbytes has packed for CPU inference.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight after its first no-grad forward in eval mode (the
+    head calibration of `from_llava` is one); the packed kernel has no backward, so no gradient would reach the layers
+    below it and QLoRA would train wrong, silently. GPUs are not affected.
+    """
+    packed = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
+    if packed:
+        raise ValueError(
+            f"{packed[0]} (and {len(packed) - 1} more): bitsandbytes packed these 4-bit weights for CPU inference, and "
+            "its packed CPU kernel has no backward; train QLoRA on a GPU (or on a CPU without AVX512-BF16)"
+        )
