@@ -100,8 +100,6 @@ def _check_supported(checkpoint, config: dict):
         problems.append("mm_use_im_start_end true")
     if config.get("mm_vision_select_feature", "patch") not in ("patch", "cls_patch"):
         problems.append(f"mm_vision_select_feature {config['mm_vision_select_feature']!r}")
-    if "mm_vision_tower" not in config and "mm_hidden_size" not in config:
-        problems.append("no mm_vision_tower: not a multimodal checkpoint")
     if problems:
         raise ValueError(f"{checkpoint}: unsupported original LLaVA checkpoint: {'; '.join(problems)}")
 
@@ -118,7 +116,9 @@ def original_llava_processor(checkpoint, vision_tower=None) -> LlavaProcessor:
     token, as LLaVA trains), the CLIP image processor of its tower, its conversation as the chat template."""
     config = read_original_config(checkpoint)
     if config is None:
-        raise ValueError(f"{checkpoint}: not an original-layout LLaVA checkpoint (model_type {sorted(ORIGINAL_MODEL_TYPES)})")
+        raise ValueError(
+            f"{checkpoint}: not an original-layout LLaVA checkpoint (model_type one of {sorted(ORIGINAL_MODEL_TYPES)})"
+        )
     _check_supported(checkpoint, config)
     tower = _tower_source(checkpoint, config, vision_tower)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -187,7 +187,8 @@ def convert_original_llava(checkpoint, vision_tower=None, dtype=None, attn_imple
     processor = original_llava_processor(checkpoint, vision_tower)
     original = read_original_config(checkpoint)
     text_class = ORIGINAL_MODEL_TYPES[original["model_type"]][0]
-    text_config = text_class(**{k: v for k, v in original.items() if k not in LLAVA_ONLY_KEYS and not k.startswith("mm_")})
+    llm_settings = {k: v for k, v in original.items() if k not in LLAVA_ONLY_KEYS and not k.startswith("mm_")}
+    text_config = text_class(**llm_settings)
     tower = _tower_source(checkpoint, original, vision_tower)
     full = original.get("mm_vision_select_feature", "patch") == "cls_patch"
     vision_config = CLIPVisionConfig.from_pretrained(tower)

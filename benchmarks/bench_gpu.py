@@ -224,7 +224,8 @@ def main(argv=None):
     memory = "peak GPU memory" if device.type == "cuda" else "peak process RSS"
     print(f"LLaVA-RadZ {shape} shape ({results['params_b']:.2f} B parameters, RANDOM weights), {results['dtype']}, "
           f"{results['device']}")
-    print(f"pipeline: {results['pipeline_images_per_s']:.1f} images/s at batch {args.pipeline_batch}, {len(LABELS)} labels")
+    print(f"pipeline: {results['pipeline_images_per_s']:.1f} images/s at batch {args.pipeline_batch}, "
+          f"{len(LABELS)} labels")
     print(f"DFAT step, LoRA r=16 + gradient checkpointing, batch {args.train_batch}: "
           f"{results['dfat_step_s']:.3f} s, {memory} {results['dfat_peak_gib']:.2f} GiB")
     print(f"LLaVA causal-LM step, same LoRA + checkpointing, batch {args.train_batch}: "

@@ -50,7 +50,8 @@ def test_dtype_reaches_the_llm_weights_and_the_heads_stay_float32(tmp_path):
     assert out.image_embeds.dtype == torch.float32 and torch.isfinite(out.loss)
 
     merged = merged_model(peft_model)  # back to the loaded dtype, the heads float32
-    assert dtypes(merged, inside_llava=True) == {torch.bfloat16} and dtypes(merged, inside_llava=False) == {torch.float32}
+    assert dtypes(merged, inside_llava=True) == {torch.bfloat16}
+    assert dtypes(merged, inside_llava=False) == {torch.float32}
     merged.save_pretrained(tmp_path / "radz")
     assert json.loads((tmp_path / "radz" / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = LlavaRadZForZeroShotClassification.from_pretrained(tmp_path / "radz", dtype=torch.bfloat16)
@@ -67,7 +68,8 @@ def test_attn_implementation_reaches_the_wrapped_configs(tmp_path):
     assert model.config.text_config._attn_implementation == "eager"
     preset, _, _ = build_preset(tmp_path, {"attn_implementation": "eager", "dtype": "bfloat16"}, {"bf16": True})
     assert preset.llava.model.language_model.config._attn_implementation == "eager"
-    assert dtypes(preset, inside_llava=True) == {torch.bfloat16} and dtypes(preset, inside_llava=False) == {torch.float32}
+    assert dtypes(preset, inside_llava=True) == {torch.bfloat16}
+    assert dtypes(preset, inside_llava=False) == {torch.float32}
 
 
 def build_preset(tmp_path, model_flags, training_flags):
