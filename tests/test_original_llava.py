@@ -26,6 +26,7 @@ from convert_llava_radz import convert_original_llava
 from modeling_llava_radz import LlavaRadZForZeroShotClassification
 from processing_llava_radz import LlavaRadZProcessor
 from test_feature_layer import REPORTS, images
+from test_train import data  # noqa: F401  (the module-scoped training data fixture)
 
 # The prompts that LLaVA's llava/conversation.py builds for one user turn "<image>\nQ" (conv_vicuna_v1, the
 # LLaVA-1.5 evaluation mode; conv_mistral_instruct, LLaVA-Med v1.5's), up to where the answer starts.
@@ -212,3 +213,24 @@ def test_unsupported_or_pickled_original_checkpoints_are_refused_by_name(checkpo
         LlavaRadZForZeroShotClassification.from_llava(
             source, vision_tower=checkpoints["root"] / "clip", load_kwargs={"quantization_config": object()}
         )
+
+
+def test_train_radz_trains_from_an_original_checkpoint_with_a_local_tower(checkpoints, data, tmp_path):  # noqa: F811
+    import train_radz
+    from test_train import LABELS
+
+    output_dir = tmp_path / "run"
+    args = [
+        "--base_model", str(checkpoints["root"] / "llava-v1.5"), "--vision_tower", str(checkpoints["root"] / "clip"),
+        "--num_cls_tokens", "2", "--train_file", str(data["train"]), "--label_columns", ",".join(LABELS),
+        "--knowledge", str(data["knowledge"]), "--output_dir", str(output_dir), "--lora_r", "4", "--lora_dropout", "0",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--use_cpu",
+        "--dataloader_pin_memory", "False", "--report_to", "none",
+    ]  # fmt: skip
+    assert train_radz.main(args) == 0
+    model = LlavaRadZForZeroShotClassification.from_pretrained(output_dir)
+    assert model.config.image_prompt_template.startswith("A chat between a curious user")
+    # The tower came from the local directory, untouched (frozen).
+    tower = checkpoints["clip"].vision_model.state_dict()
+    kept = model.llava.model.vision_tower.state_dict()
+    assert all(torch.equal(kept[key], value) for key, value in tower.items())
