@@ -63,10 +63,10 @@ _TURN_CONTENT = (
 )
 CHAT_TEMPLATES = {
     "vicuna_v1": (
-        VICUNA_V1_SYSTEM + "{% for message in messages %}"
-        "{% if message['role'] == 'user' %} USER: " + _TURN_CONTENT + "{% elif message['role'] == 'assistant' %}"
-        " ASSISTANT: " + _TURN_CONTENT + "</s>{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+        VICUNA_V1_SYSTEM + " {% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER: " + _TURN_CONTENT + " {% elif message['role'] == 'assistant' %}"
+        "ASSISTANT: " + _TURN_CONTENT + "</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
     "mistral_instruct": (
         "{% for message in messages %}{% if message['role'] == 'user' %}[INST] " + _TURN_CONTENT + " [/INST]"

@@ -177,6 +177,15 @@ def test_from_llava_accepts_the_original_layout_with_its_conversation(checkpoint
         add_generation_prompt=True, tokenize=False,
     )  # fmt: skip
     assert rendered == conversation
+    # Two turns, as conversation.py's get_prompt writes them (sep " " / "</s>"; LLAMA_2 style for Mistral).
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Q2"}]},
+    ]
+    second = " ASSISTANT: A</s>USER: Q2 ASSISTANT:" if backbone == "llama" else " A </s>[INST] Q2 [/INST]"
+    rendered = processor.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    assert rendered == conversation.removesuffix(" ASSISTANT:") + second
 
     decoder_layer = "LlamaDecoderLayer" if backbone == "llama" else "MistralDecoderLayer"
     assert {decoder_layer, "CLIPEncoderLayer"} <= model._no_split_modules
