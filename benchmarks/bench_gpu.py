@@ -4,8 +4,9 @@ no hub access. Speed and memory do not depend on the weights' values.
 
 It prints, side by side in one run:
 - pipeline images/s: the zero-shot pipeline at batch 32 over 14 labels (label embeddings cached, as in use);
-- the DFAT training step (image pass + report pass + InfoNCE; LoRA r=16 on the LLM, gradient checkpointing, AdamW)
-  at `--train_batch` per GPU: seconds per step and peak memory;
+- the DFAT + DKAM training step (image pass, report pass, the 14 category anchors from one description each,
+  L_CA + L_CG; LoRA r=16 on the LLM, gradient checkpointing, AdamW) at `--train_batch` per GPU: seconds per step
+  and peak memory;
 - the same for the LLaVA causal-LM step (image + prompt + report with next-token labels, same LoRA, same
   checkpointing), the denominator of the ratio: what fine-tuning LLaVA itself costs on the same data.
 
@@ -141,8 +142,17 @@ def time_steps(step, steps: int, device) -> tuple[float, float]:
 
 
 def dfat_step_fn(peft_model, processor, images, device, dtype):
+    """The trainer's step: image pass, report pass and the DKAM anchors of the 14 CheXpert categories re-encoded with
+    gradients from one description each (`--anchor_descriptions_per_step 1`), L_CA + L_CG."""
+    from radz.knowledge import load_knowledge
+    from radz.training import AnchorBank
+
+    processor.set_knowledge(load_knowledge("chexpert"))
+    anchors = AnchorBank(processor, LABELS, per_step=1).sample(step=0)
     inputs = processor(images=images, text=[REPORT] * len(images))
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = torch.zeros(len(images), len(LABELS))
+    labels[:, [2, 10]] = 1.0  # Cardiomegaly, Pleural Effusion: what the report says
+    inputs = {k: v.to(device) for k, v in {**inputs, **anchors, "labels": labels}.items()}
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
