@@ -52,11 +52,16 @@ def full_run_states(model):
     return states
 
 
-@pytest.mark.parametrize("backbone", ["llama", "mistral"])
-@pytest.mark.parametrize("feature_layer", [-3, -2, -1, 1])
-def test_embeddings_equal_the_full_run_with_every_hidden_state(backbone, feature_layer, monkeypatch):
+@pytest.mark.parametrize(
+    "backbone, feature_layer, attention",
+    [(b, f, "sdpa") for b in ("llama", "mistral") for f in (-3, -2, -1, 1)]
+    + [("llama", -2, "eager"), ("mistral", -2, "eager")],
+)
+def test_embeddings_equal_the_full_run_with_every_hidden_state(backbone, feature_layer, attention, monkeypatch):
     torch.manual_seed(0)
     model, processor = (tiny if backbone == "llama" else tiny_mistral)(feature_layer=feature_layer)
+    model.set_attn_implementation(attention)
+    assert model.llava.model.language_model.config._attn_implementation == attention
     model.eval()
     # Reports of different lengths: padded rows, and (Mistral) passes longer than the sliding window.
     inputs = processor(images=images(3), text=REPORTS)
