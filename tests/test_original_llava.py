@@ -83,7 +83,7 @@ def write_original_llava(directory, backbone: str, tower_dir, tower_inside: bool
         "model.mm_projector.0.weight": torch.randn(32, 32), "model.mm_projector.0.bias": torch.randn(32),
         "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32),
     })  # fmt: skip
-    if backbone == "llama":  # checkpoints written by transformers 4.31 (LLaVA-1.5's) still hold this buffer
+    if backbone == "llama":  # older checkpoints may hold this buffer (transformers' convert script drops it too)
         state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     if tower_inside:  # LLaVA-Med v1.5's safetensors carry the tower, under the original module path
         clip = CLIPModel.from_pretrained(tower_dir)
