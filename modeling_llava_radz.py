@@ -20,16 +20,24 @@ from torch import nn
 from transformers import AutoConfig, LlavaForConditionalGeneration, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.utils import ModelOutput
 
 try:
     from .configuration_llava_radz import LlavaRadZConfig
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
+try:
+    from .convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
+except ImportError:
+    from convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
 
 # `save_pretrained` copies the pipeline file (and the modules it imports) into the checkpoint and
 # declares it in `config.custom_pipelines`.
 PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py", "knowledge_llava_radz.py")
+# The MLP heads of LlavaRadZForZeroShotClassification (everything trainable outside the LLaVA model but the
+# temperature and the sigmoid bias).
+HEAD_MODULES = ("image_global_head", "text_global_head", "image_local_head", "text_local_head", "anchor_head")
 PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,8 +199,11 @@ class LlavaRadZHead(nn.Module):
         self.input_std.copy_(std.clamp(min=0.01 * float(std.median()) + 1e-8))
 
     def forward(self, hidden_states):
-        hidden_states = (hidden_states - self.input_mean) / self.input_std
-        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+        # The head computes in float32 under a 16-bit or 4-bit LLM and under the Trainer's autocast: its weights
+        # are kept float32 (`_keep_in_fp32_modules_strict`), and so are the embeddings it gives the InfoNCE.
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            hidden_states = (hidden_states.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+            return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
 
 
 class LlavaRadZPreTrainedModel(PreTrainedModel):
@@ -203,7 +214,11 @@ class LlavaRadZPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
-    _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+    # The heads and the temperature stay in float32 when the LLM loads in bf16/fp16: the InfoNCE logits are
+    # `exp(logit_scale)·cos` with scales up to 100, where bf16 keeps 2-3 significant digits.
+    _keep_in_fp32_modules_strict = [*HEAD_MODULES, "logit_scale", "category_bias"]
+    # No `_no_split_modules` here: `post_init` collects those of the wrapped LLaVA (its LLM's decoder layer, its
+    # tower's encoder layer), so device maps and FSDP wrap Mistral, Llama or any other backbone right.
 
     def _init_weights(self, module):
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -249,6 +264,11 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         self.category_bias = nn.Parameter(torch.zeros(())) if config.category_loss == "sigmoid" else None
         self.post_init()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LLaVA model's dtype (what inputs are cast to and `save_pretrained` records), not the float32 heads'."""
+        return self.llava.dtype
+
     # -- embeddings, generation ------------------------------------------------------------------------------
     def get_input_embeddings(self):
         return self.llava.get_input_embeddings()
@@ -274,7 +294,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         return torch.tensor(ids, device=self.llava.device)
 
     def _read_states(self, modality, input_ids, attention_mask, pixel_values=None):
-        """One LLM pass; the pooled special-token states and the mean content-token state at `feature_layer`."""
+        """One LLM pass up to `feature_layer`; the pooled special-token states and the mean content-token state."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cls_mask = torch.isin(input_ids, self._cls_ids(modality)) & attention_mask.bool()
@@ -286,14 +306,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 f"{modality} pass: row {row} holds {int(counts[row])} special tokens, expected {n}; "
                 "build the inputs with LlavaRadZProcessor"
             )
-        outputs = self.llava.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        states = outputs.hidden_states[self.config.feature_layer]
+        states = self._llm_states(input_ids, attention_mask, pixel_values)
         cls_states = states[cls_mask].view(len(states), n, -1)
         if self.config.pooling == "mean":
             pooled = cls_states.mean(dim=1)
@@ -309,6 +322,51 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         weights = content.unsqueeze(-1).to(states.dtype)
         local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         return pooled, local
+
+    def feature_layer_count(self) -> int:
+        """How many decoder layers the image and text passes run: `hidden_states[i]` is the output of layer i."""
+        return self.config.feature_layer % (self.config.text_config.num_hidden_layers + 1)
+
+    def _llm_states(self, input_ids, attention_mask, pixel_values=None):
+        """`hidden_states[feature_layer]` of the LLM, running only the decoder layers it needs.
+
+        The steps of `LlavaModel.forward` (image features in place of the `<image>` tokens) and of
+        `LlamaModel.forward` / `MistralModel.forward` (mask, rotary embeddings, layers), stopped at `feature_layer`:
+        with the default -2 the last layer and the LM head are never computed, and no other layer's states are
+        kept. Index `num_layers` (-1) is the last layer's output after the final norm.
+        """
+        inner = self.llava.model
+        inputs_embeds = inner.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            features = inner.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+            features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = inner.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, features)
+
+        language_model = inner.language_model
+        num_layers, stop = language_model.config.num_hidden_layers, self.feature_layer_count()
+        position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        sliding = getattr(language_model.config, "sliding_window", None) is not None
+        mask_function = create_sliding_window_causal_mask if sliding else create_causal_mask
+        mask = mask_function(
+            config=language_model.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = language_model.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in language_model.layers[:stop]:
+            hidden_states = decoder_layer(
+                hidden_states,  # positional: gradient checkpointing replays the layer from its positional inputs
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=None,
+                use_cache=False,
+            )
+        return language_model.norm(hidden_states) if stop == num_layers else hidden_states
 
     def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
         pooled, local = self._read_states(modality, input_ids, attention_mask, pixel_values)
@@ -482,8 +540,12 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
 
     # -- conversion from LLaVA -------------------------------------------------------------------------------
     @classmethod
-    def from_llava(cls, llava_dir_or_model, processor=None, load_kwargs: dict | None = None, **config_overrides):
-        """Turn a transformers `LlavaForConditionalGeneration` (object, hub id or directory) into LLaVA-RadZ.
+    def from_llava(
+        cls, llava_dir_or_model, processor=None, load_kwargs: dict | None = None, vision_tower=None, **config_overrides
+    ):
+        """Turn a transformers `LlavaForConditionalGeneration` (object, hub id or directory) into LLaVA-RadZ; or an
+        original-layout LLaVA-1.5 / LLaVA-Med v1.5 directory (`llava_llama`, `llava_mistral`), converted by
+        convert_llava_radz.py with its CLIP tower from `mm_vision_tower` or `vision_tower` (e.g. a local directory).
 
         Adds `<ImgCls_*>`/`<TxtCls_*>` (ids from `processor`, or from `LlavaRadZProcessor.from_llava` on the
         same checkpoint), resizes the embeddings where needed and sets the new rows to the mean embedding;
@@ -496,30 +558,45 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         except ImportError:
             from processing_llava_radz import LlavaRadZProcessor
 
+        num = config_overrides.get("num_cls_tokens", LlavaRadZConfig.num_cls_tokens)
         if isinstance(llava_dir_or_model, LlavaForConditionalGeneration):
             llava = llava_dir_or_model
             if processor is None:
                 raise ValueError("from_llava(model_object) needs processor=LlavaRadZProcessor.from_llava(...)")
-        elif isinstance(llava_dir_or_model, (str, Path)):
+        elif not isinstance(llava_dir_or_model, (str, Path)):
+            raise TypeError(
+                f"from_llava expects a LlavaForConditionalGeneration or a checkpoint id/directory, "
+                f"got {type(llava_dir_or_model).__name__}"
+            )
+        elif read_original_config(llava_dir_or_model) is not None:
+            source = str(llava_dir_or_model)
+            unsupported = set(load_kwargs or {}) - {"dtype", "attn_implementation"}
+            if unsupported:
+                raise ValueError(
+                    f"{source}: an original-layout checkpoint converts in memory with dtype/attn_implementation "
+                    f"only, not {sorted(unsupported)}; write it converted first (python convert_llava_radz.py "
+                    f"{source} OUTPUT_DIR) and load OUTPUT_DIR"
+                )
+            llava, _ = convert_original_llava(source, vision_tower, **(load_kwargs or {}))
+            if processor is None:
+                processor = LlavaRadZProcessor.from_llava(source, num_cls_tokens=num, vision_tower=vision_tower)
+        else:
             source = str(llava_dir_or_model)
             try:
                 found = AutoConfig.from_pretrained(source).model_type
             except (OSError, ValueError) as error:
                 raise ValueError(f"{source}: cannot read a model config from it ({error})") from error
             if found != "llava":
-                raise ValueError(f"{source}: expected a LLaVA checkpoint (model_type 'llava'), found {found!r}")
+                raise ValueError(
+                    f"{source}: expected a LLaVA checkpoint (model_type 'llava', or the original layout's "
+                    f"'llava_llama' / 'llava_mistral'), found {found!r}"
+                )
             llava = LlavaForConditionalGeneration.from_pretrained(source, **(load_kwargs or {}))
             if processor is None:
-                num = config_overrides.get("num_cls_tokens", LlavaRadZConfig.num_cls_tokens)
                 processor = LlavaRadZProcessor.from_llava(source, num_cls_tokens=num)
-        else:
-            raise TypeError(
-                f"from_llava expects a LlavaForConditionalGeneration or a checkpoint id/directory, "
-                f"got {type(llava_dir_or_model).__name__}"
-            )
 
         image_ids, text_ids = processor.cls_token_ids("image"), processor.cls_token_ids("text")
-        _add_token_rows(llava, image_ids + text_ids)
+        add_token_rows(llava, image_ids + text_ids)
 
         settings = llava.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
@@ -530,7 +607,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         # One config object for the wrapper and the wrapped model, as when built from a config.
         config.vision_config, config.text_config = llava.config.vision_config, llava.config.text_config
         llava.config = llava.model.config = config
-        model = cls(config, llava=llava).to(device=llava.device, dtype=llava.dtype)
+        with torch.device(llava.device):  # the heads beside the LLM, in float32 whatever the LLM's dtype
+            model = cls(config, llava=llava)
         model.calibrate_heads(*processor.calibration_inputs())
         return model
 
@@ -553,20 +631,6 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             if not (target.exists() and target.samefile(pipeline_dir / name)):
                 shutil.copyfile(pipeline_dir / name, target)
         return result
-
-
-def _add_token_rows(llava: LlavaForConditionalGeneration, token_ids: list[int]):
-    """Make room for `token_ids` and set their input (and untied output) embedding rows to the mean row."""
-    embeddings = llava.get_input_embeddings()
-    old_rows = embeddings.weight.shape[0]
-    if max(token_ids) >= old_rows:
-        llava.resize_token_embeddings(max(token_ids) + 1, mean_resizing=False)
-    ids = torch.tensor(token_ids)
-    weights = {llava.get_input_embeddings().weight, llava.get_output_embeddings().weight}  # one when tied
-    with torch.no_grad():
-        means = [(weight, weight[:old_rows].mean(dim=0)) for weight in weights]
-        for weight, mean in means:
-            weight[ids] = mean
 
 
 LlavaRadZConfig.register_for_auto_class()

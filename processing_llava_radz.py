@@ -19,11 +19,13 @@ from transformers.utils import cached_file
 
 try:
     from .configuration_llava_radz import LlavaRadZConfig, format_cls_tokens
+    from .convert_llava_radz import conversation_prompt, original_llava_processor, read_original_config
     from .knowledge_llava_radz import KNOWLEDGE_FILE, match_category, read_knowledge_file, validate_knowledge
     from .knowledge_llava_radz import write_knowledge_file
     from .radiograph_llava_radz import load_radiographs
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig, format_cls_tokens
+    from convert_llava_radz import conversation_prompt, original_llava_processor, read_original_config
     from knowledge_llava_radz import KNOWLEDGE_FILE, match_category, read_knowledge_file, validate_knowledge
     from knowledge_llava_radz import write_knowledge_file
     from radiograph_llava_radz import load_radiographs
@@ -148,16 +150,25 @@ class LlavaRadZProcessor(ProcessorMixin):
         return tokenizer
 
     @classmethod
-    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens, **kwargs):
-        """Build a LLaVA-RadZ processor from a transformers `LlavaProcessor` (object, hub id or directory).
+    def from_llava(cls, llava_dir_or_processor, num_cls_tokens: int = LlavaRadZConfig.num_cls_tokens, vision_tower=None, **kwargs):
+        """Build a LLaVA-RadZ processor from a transformers `LlavaProcessor` (object, hub id or directory), or from
+        an original-layout LLaVA-1.5 / LLaVA-Med v1.5 directory (convert_llava_radz.py; `vision_tower` overrides its
+        `mm_vision_tower`), whose passes are written in that model's conversation format.
 
         Adds the special tokens to its tokenizer and takes the image-token count from its patch size,
         image size and feature-select strategy, as `LlavaProcessor` expands `<image>`.
         """
         from transformers import LlavaProcessor
 
+        original = None if isinstance(llava_dir_or_processor, LlavaProcessor) else read_original_config(
+            llava_dir_or_processor
+        )
         if isinstance(llava_dir_or_processor, LlavaProcessor):
             llava_processor = llava_dir_or_processor
+        elif original is not None:
+            llava_processor = original_llava_processor(llava_dir_or_processor, vision_tower)
+            kwargs.setdefault("image_prompt_template", conversation_prompt(original, LlavaRadZConfig.image_prompt_template))
+            kwargs.setdefault("text_prompt_template", conversation_prompt(original, LlavaRadZConfig.text_prompt_template))
         else:
             try:
                 llava_processor = LlavaProcessor.from_pretrained(llava_dir_or_processor)

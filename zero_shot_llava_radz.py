@@ -107,7 +107,8 @@ def build_zero_shot_classifier(
     _check_plain_text(processor, labels, templates + ((negative_template,) if multi_label else ()))
     categories = label_categories(processor, labels, use_knowledge)
     device = model.device
-    embeds = torch.zeros(len(labels), model.config.projection_dim, device=device, dtype=model.dtype)
+    # The heads' dtype (float32 beside a 16-bit LLM), not the LLM's.
+    embeds = torch.zeros(len(labels), model.config.projection_dim, device=device, dtype=model.logit_scale.dtype)
     local_embeds = torch.zeros_like(embeds)
     prompt_rows = [k for k, c in enumerate(categories) if c is None]
     if prompt_rows:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .precision import ATTN_IMPLEMENTATIONS, DTYPES
+
 # Every linear layer of a Llama/Mistral/Vicuna decoder block. The LoRA regex restricts them to the LLM, because the
 # CLIP vision tower has modules named q_proj/k_proj/v_proj too.
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -20,6 +22,13 @@ class ModelArguments:
     base_model: str | None = field(
         default=None,
         metadata={"help": "A transformers LLaVA checkpoint (hub id or directory), converted with `from_llava`."},
+    )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "With an original-layout --base_model (LLaVA-1.5, LLaVA-Med v1.5): the CLIP tower directory to use "
+            "instead of its config's mm_vision_tower."
+        },
     )
     config: str | None = field(
         default=None,
@@ -54,6 +63,23 @@ class ModelArguments:
     train_llm: bool = field(
         default=False, metadata={"help": "With --lora_r 0: train every LLM weight instead of the token rows only."}
     )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights of the base model: bfloat16, float16 or float32 (default: bfloat16 with --bf16, float16 "
+            "with --fp16, else float32). The trainable weights stay float32."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa, flash_attention_2 or eager (default: transformers' choice)."}
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: the LLM's linear layers in 4-bit NF4 (bitsandbytes) under LoRA; the heads and the new "
+            "token rows stay float32, and the final merged checkpoint is written in bfloat16."
+        },
+    )
 
     def __post_init__(self):
         if (self.base_model is None) == (self.config is None):
@@ -62,6 +88,12 @@ class ModelArguments:
             raise ValueError(f"--lora_r must be >= 0, got {self.lora_r}")
         if self.train_llm and self.lora_r > 0:
             raise ValueError("--train_llm trains the full LLM and needs --lora_r 0")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"--attn_implementation {self.attn_implementation!r}: expected one of {ATTN_IMPLEMENTATIONS}")
+        if self.load_in_4bit and (self.base_model is None or self.lora_r == 0):
+            raise ValueError("--load_in_4bit (QLoRA) needs --base_model (a checkpoint to quantise) and --lora_r > 0")
 
 
 @dataclass

@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import re
 
-from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
+import torch
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model, prepare_model_for_kbit_training
+
+from modeling_llava_radz import HEAD_MODULES
 
 from .args import ModelArguments
+from .precision import check_trainable_4bit, is_quantized
 
-# Names of the trainable modules of LlavaRadZForZeroShotClassification outside the LLM.
-HEAD_MODULES = ("image_global_head", "text_global_head", "image_local_head", "text_local_head", "anchor_head")
 # Parameter-name markers of peft's own trainable tensors (LoRA matrices, trainable-token deltas).
 ADAPTER_MARKERS = ("lora_", "trainable_tokens_")
 NON_ADAPTER_FILE = "non_adapter_trainable.safetensors"
 
 
-def lora_target_regex(module_names) -> str:
+def lora_target_regex(module_names, num_layers: int | None = None) -> str:
     """A peft `target_modules` regex matching `module_names` inside the LLM only (the CLIP tower has q_proj too);
-    it fits LLaVA-RadZ (`llava.model.language_model…`) and a plain LLaVA (`model.language_model…`)."""
+    it fits LLaVA-RadZ (`llava.model.language_model…`) and a plain LLaVA (`model.language_model…`). With
+    `num_layers`, only in the first `num_layers` decoder layers."""
     names = "|".join(re.escape(name) for name in module_names)
-    return rf"(.*\.)?language_model\..*\.({names})"
+    layers = r"\d+" if num_layers is None else "|".join(str(i) for i in range(num_layers))
+    return rf"(.*\.)?language_model\.layers\.({layers})\..*\.({names})"
 
 
 def _set_outside_llm_trainable(model, train_vision_tower: bool):
@@ -51,6 +55,14 @@ def prepare_for_training(model, args: ModelArguments):
       the plain model with the whole LLM trainable.
     """
     token_ids = list(model.config.image_cls_token_ids) + list(model.config.text_cls_token_ids)
+    if is_quantized(model):
+        # QLoRA: every weight that is not 4-bit goes to float32 (peft's recipe); gradient checkpointing is the
+        # Trainer's `--gradient_checkpointing`.
+        check_trainable_4bit(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        # The trainable token rows are deltas in the embedding's dtype: a float32 embedding keeps them float32.
+        model.get_input_embeddings().float()
     model.requires_grad_(False)
     if args.lora_r > 0:
         targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
@@ -58,7 +70,8 @@ def prepare_for_training(model, args: ModelArguments):
             r=args.lora_r,
             lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout,
-            target_modules=lora_target_regex(targets),
+            # Only the layers that the passes run (those up to feature_layer): LoRA on later ones never trains.
+            target_modules=lora_target_regex(targets, model.feature_layer_count()),
             trainable_token_indices={"embed_tokens": token_ids},
         )
         model = get_peft_model(model, config)
@@ -67,6 +80,9 @@ def prepare_for_training(model, args: ModelArguments):
     else:
         model.llava.model.language_model.requires_grad_(True)
     _set_outside_llm_trainable(unwrap(model), args.train_vision_tower)
+    for param in model.parameters():  # float32 master weights under a 16-bit base model (the AMP recipe)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     return model
 
 
@@ -86,5 +102,20 @@ def non_adapter_state(model) -> dict:
 
 
 def merged_model(model):
-    """The plain LlavaRadZForZeroShotClassification with LoRA and token deltas folded into the base weights."""
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+    """The plain LlavaRadZForZeroShotClassification with LoRA and token deltas folded into the base weights, its
+    LLaVA model back in the dtype of its frozen weights (trained weights are float32 during training).
+
+    A 4-bit (QLoRA) model is de-quantised first, so that LoRA merges into bfloat16 weights (merging into 4-bit
+    would quantise the sum a second time): the result is a bfloat16 model. The heads stay float32.
+    """
+    if not isinstance(model, PeftModel):
+        return model
+    base = unwrap(model)
+    if is_quantized(base):
+        dtype = torch.bfloat16
+        base.llava.dequantize(dtype=dtype)
+    else:
+        dtype = base.llava.model.language_model.norm.weight.dtype  # frozen, so still in the loaded dtype
+    merged = model.merge_and_unload()
+    merged.llava.to(dtype)
+    return merged

@@ -15,6 +15,7 @@ from transformers import set_seed
 
 from radz.hub import push_checkpoint, write_model_card
 
+from . import precision
 from .args import DataArguments, ModelArguments, RadZTrainingArguments
 from .data import RadZCollator, load_training_data, scan_dataset
 from .lora import merged_model, prepare_for_training
@@ -24,8 +25,10 @@ from .trainer import AnchorBank, RadZTrainer
 logger = logging.getLogger("radz.train")
 
 
-def build_model(args: ModelArguments):
-    """(model, processor) from a LLaVA checkpoint (`--base_model`) or a preset (`--config`), with the knowledge."""
+def build_model(args: ModelArguments, training_args: RadZTrainingArguments):
+    """(model, processor) from a LLaVA checkpoint (`--base_model`) or a preset (`--config`), with the knowledge;
+    the base model in the precision of `--dtype` / `--bf16` / `--attn_implementation` / `--load_in_4bit`."""
+    load_kwargs = precision.load_kwargs(args, training_args)
     overrides = {k: getattr(args, k) for k in ("dkam_lambda", "alignment") if getattr(args, k) is not None}
     if args.config is not None:
         from radz.presets import build_from_preset
@@ -33,13 +36,18 @@ def build_model(args: ModelArguments):
         if args.num_cls_tokens is not None:
             overrides["num_cls_tokens"] = args.num_cls_tokens
         model, processor = build_from_preset(args.config, **overrides)
+        model.llava.to(load_kwargs["dtype"])
+        if args.attn_implementation is not None:
+            model.set_attn_implementation(args.attn_implementation)
     else:
         from modeling_llava_radz import LlavaRadZForZeroShotClassification
         from processing_llava_radz import LlavaRadZProcessor
 
         cls_tokens = {"num_cls_tokens": args.num_cls_tokens} if args.num_cls_tokens is not None else {}
-        processor = LlavaRadZProcessor.from_llava(args.base_model, **cls_tokens)
-        model = LlavaRadZForZeroShotClassification.from_llava(args.base_model, processor=processor, **overrides)
+        processor = LlavaRadZProcessor.from_llava(args.base_model, vision_tower=args.vision_tower, **cls_tokens)
+        model = LlavaRadZForZeroShotClassification.from_llava(
+            args.base_model, processor=processor, load_kwargs=load_kwargs, vision_tower=args.vision_tower, **overrides
+        )
     if args.knowledge is not None:
         from radz.knowledge import load_knowledge
 
@@ -52,7 +60,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
     # The Trainer would push its LoRA checkpoints on every save; the merged model is pushed after save_final.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     set_seed(training_args.seed)
-    model, processor = build_model(model_args)
+    model, processor = build_model(model_args, training_args)
 
     # The main process builds the datasets cache first; the other ranks then read it.
     with training_args.main_process_first(desc="loading the data"):
