@@ -4,7 +4,7 @@ from .args import DataArguments, ModelArguments, RadZTrainingArguments
 from .data import BadDataError, BalancedClassSampler, RadZCollator, balance_keys, load_split, scan_dataset
 from .lora import merged_model, prepare_for_training
 from .tower import pretrain_vision_tower
-from .trainer import AnchorBank, RadZTrainer, gather_rows
+from .trainer import AnchorBank, RadZTrainer
 
 __all__ = [
     "AnchorBank",
@@ -16,7 +16,6 @@ __all__ = [
     "RadZTrainer",
     "RadZTrainingArguments",
     "balance_keys",
-    "gather_rows",
     "load_split",
     "merged_model",
     "prepare_for_training",

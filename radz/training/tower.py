@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_llava_radz import clip_loss
+from loss_llava_radz import clip_loss
 from processing_llava_radz import RadiographError, load_radiograph
 
 logger = logging.getLogger(__name__)
