@@ -7,13 +7,13 @@
     python train_radz.py generate-knowledge ...      # radz.knowledge.cli: write category descriptions
 
 Every `TrainingArguments` flag works (`--save_steps`, `--resume_from_checkpoint`, `--gradient_accumulation_steps`,
-`--use_cpu`, ...). The output directory receives a complete merged checkpoint (model, processor, knowledge) that
+`--use_cpu`, ...); `--resume_from_checkpoint latest` takes the newest complete checkpoint in `--output_dir`, or starts
+fresh without one, so that one command starts and resumes a preemptible run. The output directory receives a complete merged checkpoint (model, processor, knowledge) that
 loads with `AutoModel`/`AutoProcessor.from_pretrained(dir, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -31,7 +31,8 @@ from radz.training import (
     load_split,
     merged_model,
     prepare_for_training,
-    pretrain_vision_tower,
+    resolve_resume,
+    run_tower_stage,
     scan_dataset,
 )
 
@@ -97,16 +98,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         fallback_dataset=train_dataset,
         seed=training_args.seed,
     )
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if training_args.tower_pretraining_steps > 0:
-        # Deterministic, like the calibration below: a resumed run repeats it and gets the same buffers.
-        curve = pretrain_vision_tower(
-            model, processor, train_dataset, training_args.tower_pretraining_steps,
-            batch_size=training_args.tower_pretraining_batch_size,
-            learning_rate=training_args.tower_pretraining_learning_rate, seed=training_args.seed,
-        )
-        if training_args.should_save:
-            Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(training_args.output_dir) / "tower_pretraining.json").write_text(json.dumps(curve, indent=1))
+        run_tower_stage(model, processor, train_dataset, training_args, resuming=resume is not None)
     if training_args.calibration_samples > 0:
         # Deterministic (the first rows, the initial weights), so a resumed run recomputes the same buffers.
         rows = [train_dataset[i] for i in range(min(training_args.calibration_samples, len(train_dataset)))]
@@ -123,7 +117,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         anchor_bank=anchor_bank,
         eval_label_names=eval_label_names,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

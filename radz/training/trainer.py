@@ -24,6 +24,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from loss_llava_radz import LlavaRadZLoss
 from zero_shot_llava_radz import build_zero_shot_classifier
 
+from .checkpoints import STAGING_DIR, clear_staging, publish_checkpoint
 from .data import BalancedClassSampler, RadZCollator, balance_keys
 from .lora import NON_ADAPTER_FILE, non_adapter_state, unwrap
 
@@ -157,6 +158,7 @@ class RadZTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, anchor_bank=None, eval_label_names=None, **kwargs):
+        self._staging_dir = None  # the temporary run directory while a checkpoint is written
         super().__init__(*args, **kwargs)
         self.anchor_bank = anchor_bank
         self.eval_label_names = list(eval_label_names or [])
@@ -238,6 +240,25 @@ class RadZTrainer(Trainer):
         return BalancedClassSampler(balance_keys(dataset["labels"]), seed=seed)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, written under a temporary name and renamed when complete (`checkpoints.py`)."""
+        run_dir = self._get_output_dir(trial)
+        if self.args.should_save:
+            clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = os.path.join(run_dir, STAGING_DIR)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        if self.args.should_save:
+            publish_checkpoint(run_dir, self.state.global_step, self.state, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir or super()._get_output_dir(trial)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
