@@ -9,6 +9,9 @@ with trl's SFTTrainer, then scored as vqa). Thresholds for F1/ACC: chosen on a v
 or the oracle (test labels; always labelled "oracle"). Outputs in --output_dir: predictions.parquet, metrics.json,
 report.md, roc_curves.png; predictions are written in chunks under chunks/, so a rerun resumes. See
 radz/evaluation/harness.py.
+
+On several GPUs, `accelerate launch --multi_gpu --num_processes 8 evaluate_radz.py ...` shards the chunks across the
+processes and the main process gathers the predictions (radz/evaluation/distributed.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
 
 from radz.datasets import READERS
 from radz.evaluation.harness import EvaluationConfig, EvaluationError, run_evaluation
@@ -90,15 +95,21 @@ def config_from_args(args: argparse.Namespace) -> EvaluationConfig:
     return EvaluationConfig(**options)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run one evaluation; returns the metrics.json record (with `report_text`). Errors that need the user to
-    choose (no validation split, unknown labels...) exit with status 2 and say what to pass."""
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run one evaluation; returns the metrics.json record (with `report_text`; None on the other processes of a
+    multi-process run). Errors that need the user to choose (no validation split, unknown labels...) exit with
+    status 2 and say what to pass."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         record = run_evaluation(config_from_args(args))
     except EvaluationError as error:
         parser.exit(2, f"evaluate_radz.py: error: {error}\n")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if record is None:
+        return None  # another process of a multi-process run; the main process reports
     print(record["report_text"])
     protocol = record["threshold_protocol"]
     if record["oracle"]:
