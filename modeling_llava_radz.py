@@ -179,10 +179,11 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         self.anchor_head = (
             LlavaRadZHead(pooled, head_hidden, config.projection_dim) if config.anchor_head == "separate" else None
         )
+        # One-element parameters, not 0-d ones: FSDP (both versions) refuses scalar parameters.
         self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
+            torch.full((1,), math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )
-        self.category_bias = nn.Parameter(torch.zeros(())) if config.category_loss == "sigmoid" else None
+        self.category_bias = nn.Parameter(torch.zeros(1)) if config.category_loss == "sigmoid" else None
         # The loss of the batch; RadZTrainer swaps in one that gathers across ranks under data parallel.
         self.loss_fn = LlavaRadZLoss()
         self.post_init()
@@ -319,8 +320,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         return F.normalize(head(sums / counts.unsqueeze(1)), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """`exp(logit_scale)`, clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=100.0)
+        """`exp(logit_scale)`, clamped at 100 as in CLIP (shape `()`)."""
+        return self.logit_scale.exp().clamp(max=100.0).squeeze(0)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(

@@ -265,7 +265,10 @@ class RadZTrainer(Trainer):
         if not self.args.should_save:
             return
         if isinstance(self.model, PeftModel):
-            state = {name: tensor.contiguous().cpu() for name, tensor in non_adapter_state(self.model).items()}
+            # Under DeepSpeed ZeRO-3 the parameters are partitions: the Trainer passes their gathered values.
+            trainable = non_adapter_state(self.model)
+            source = state_dict or trainable
+            state = {name: source[name].contiguous().cpu() for name in trainable if name in source}
             save_file(state, os.path.join(output_dir, NON_ADAPTER_FILE), metadata={"format": "pt"})
         # Checkpoint files are safetensors and JSON: the Trainer's pickled TrainingArguments becomes JSON.
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
@@ -295,7 +298,8 @@ class RadZTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_non_adapter(resume_from_checkpoint, model)
+        if not self.is_fsdp_enabled:  # FSDP's sharded checkpoint already holds every parameter
+            self._load_non_adapter(resume_from_checkpoint, model)
 
     def _load_best_model(self):
         super()._load_best_model()
