@@ -8,8 +8,9 @@
 
 Every `TrainingArguments` flag works (`--save_steps`, `--resume_from_checkpoint`, `--gradient_accumulation_steps`,
 `--use_cpu`, ...); `--resume_from_checkpoint latest` takes the newest complete checkpoint in `--output_dir`, or starts
-fresh without one, so that one command starts and resumes a preemptible run. The output directory receives a complete merged checkpoint (model, processor, knowledge) that
-loads with `AutoModel`/`AutoProcessor.from_pretrained(dir, trust_remote_code=True)`.
+fresh without one, so that one command starts and resumes a preemptible run. The output directory receives a
+complete merged checkpoint (model, processor, knowledge) that loads with
+`AutoModel`/`AutoProcessor.from_pretrained(dir, trust_remote_code=True)`.
 """
 
 from __future__ import annotations

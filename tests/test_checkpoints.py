@@ -98,7 +98,8 @@ def test_sigkill_at_random_moments_then_resume_latest_gives_the_unbroken_weights
     final = start(argv)
     final.join(120)
     assert final.exitcode == 0, kills
-    resumed, expected = load_file(output_dir / "model.safetensors"), load_file(tmp_path / "unbroken" / "model.safetensors")
+    resumed = load_file(output_dir / "model.safetensors")
+    expected = load_file(tmp_path / "unbroken" / "model.safetensors")
     assert resumed.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)

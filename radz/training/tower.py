@@ -154,11 +154,6 @@ def pretrain_vision_tower(
     return curve
 
 
-def _stage_modules(model) -> dict[str, nn.Module]:
-    inner = model.llava.model
-    return {"vision_tower": inner.vision_tower, "multi_modal_projector": inner.multi_modal_projector}
-
-
 def run_tower_stage(model, processor, dataset, args, resuming: bool) -> None:
     """The first stage of `train_radz.py`, once (see the module docstring); `args` are the training arguments.
 
@@ -171,7 +166,8 @@ def run_tower_stage(model, processor, dataset, args, resuming: bool) -> None:
         "seed": args.seed,
         "rows": len(dataset),
     }
-    modules = _stage_modules(model)
+    inner = model.llava.model
+    modules = {"vision_tower": inner.vision_tower, "multi_modal_projector": inner.multi_modal_projector}
     model.to(args.device)  # the stage runs where training will
     saved = Path(args.output_dir) / TOWER_STATE_FILE
     if args.process_index == 0:
