@@ -251,3 +251,15 @@ def test_deepspeed_parses_the_shipped_configs_once_the_trainer_fills_them(stage,
     assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (8, 2)
     if stage == 3:
         assert parsed.zero_config.gather_16bit_weights_on_model_save is True
+
+
+def test_in_training_evaluation_under_sharded_parameters_is_refused_with_the_way_out(tiny_model, tmp_path):
+    from radz.training import RadZTrainer, RadZTrainingArguments
+
+    model, processor = tiny_model
+    args = RadZTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = RadZTrainer(model=model, args=args, processing_class=processor, eval_dataset=[{"image": "x"}],
+                          eval_label_names=["Cardiomegaly"])
+    trainer.is_fsdp_enabled = True  # what accelerate sets under fsdp.yaml (GPU machines only)
+    with pytest.raises(ValueError, match="sharded by FSDP or ZeRO-3.*--eval_strategy no"):
+        trainer.evaluate()

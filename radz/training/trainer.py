@@ -19,6 +19,7 @@ import torch.distributed as dist
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from loss_llava_radz import LlavaRadZLoss
@@ -314,6 +315,13 @@ class RadZTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or not self.eval_label_names:
             raise ValueError("evaluate needs a labelled validation set (--validation_file with labels)")
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            # The main process alone cannot run a model whose parameters are sharded across the ranks.
+            raise ValueError(
+                "the zero-shot evaluation during training runs on the main process, which cannot use parameters "
+                "sharded by FSDP or ZeRO-3: train with --eval_strategy no and evaluate the saved model with "
+                "`accelerate launch evaluate_radz.py`"
+            )
         names = self.eval_label_names
         values = torch.full((len(names) + 1,), math.nan, device=self.args.device)
         if self.is_world_process_zero():
