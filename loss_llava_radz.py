@@ -103,10 +103,11 @@ def category_loss(embeds, anchor_embeds, labels, logit_scale, kind: str = "softm
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# The differentiable all-gather of open_clip (`torch.distributed.nn.all_gather` deadlocks beside DDP on gloo); its name
-# since torch 2.13, and before.
-_all_gather_with_grad = getattr(functional_collectives, "all_gather_single_autograd", None) or getattr(
-    functional_collectives, "all_gather_tensor_autograd"
+# The differentiable all-gather of open_clip (`torch.distributed.nn.all_gather` deadlocks beside DDP on gloo), under its
+# torch 2.13 name or its older one.
+_all_gather_with_grad = (
+    getattr(functional_collectives, "all_gather_single_autograd", None)
+    or functional_collectives.all_gather_tensor_autograd
 )
 
 
