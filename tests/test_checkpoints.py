@@ -10,16 +10,13 @@ import json
 import multiprocessing
 import os
 import random
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import accelerate_launch
 from radz.training.checkpoints import STAGING_DIR, latest_checkpoint, resolve_resume
 
 STEPS = 16
@@ -128,20 +125,9 @@ def test_two_ranks_write_one_renamed_checkpoint_and_resume_latest(phantom_dir, t
     """Under data parallel (2 gloo processes) every rank's files land in the renamed checkpoint, the tower stage runs
     on the main process only, and a `latest` resume loads the stage's saved result instead of training it again."""
     def launch(steps):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         argv = train_argv(phantom_dir, tmp_path)
         argv[argv.index("--max_steps") + 1] = str(steps)
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
-            "--dynamo_backend", "no", "train_radz.py", *argv, "--ddp_find_unused_parameters", "True",
-        ]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-4000:]
-        return result.stderr
+        return accelerate_launch("train_radz.py", [*argv, "--ddp_find_unused_parameters", "True"]).stderr
 
     first = launch(2)
     assert first.count("tower pretraining {") == 1  # the stage's last log line, from the main process only

@@ -3,38 +3,15 @@ gives the metrics and predictions of 1 process, and its sharded chunks resume. T
 (SYNTHETIC)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import evaluate_radz
-from conftest import REPO
+from conftest import REPO, accelerate_launch, free_port, run_script
 
 LABELS = "Pneumothorax,No Finding,Cardiomegaly"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def accelerate_launch(script: str, args: list[str], processes: int = 2, timeout: int = 300):
-    """`accelerate launch --multi_gpu --num_processes N SCRIPT ARGS` on CPU: N processes with gloo."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        "--dynamo_backend", "no", script, *args,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"accelerate launch failed:\n{result.stderr[-5000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -172,12 +149,7 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_fsdp_on_two_gloo_processes_equals_one_process_on_loss_and_gradients(tmp_path, version):
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, str(script), str(free_port()), version]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]
+    assert run_script(tmp_path, FSDP_SCRIPT, str(free_port()), version).strip() == "ok"
 
 
 @pytest.mark.parametrize(

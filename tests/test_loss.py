@@ -1,31 +1,9 @@
 """The loss module (loss_llava_radz.py): gathered negatives across 2 gloo processes equal one process holding the
 whole batch, on the loss and on the gradients averaged by DDP, for every gathering mode; remote-code rules."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def run_script(tmp_path, script: str, *args: str, timeout: int = 180) -> str:
-    path = tmp_path / "script.py"
-    path.write_text(script)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+from conftest import free_port, run_script
 
 
 # A stand-in for the model: linear "encoders" with the model's parameter kinds (per-sample weights, a temperature

@@ -3,16 +3,12 @@ whose result reaches every data-parallel rank, and not again on resume, where it
 Tiny model, phantom images (SYNTHETIC)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import free_port, run_script
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +71,10 @@ if __name__ == "__main__":
 
 
 def test_the_stage_runs_on_the_main_process_only_and_every_rank_gets_its_result(phantom_rows, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     rows_file = tmp_path / "rows.json"
     rows_file.write_text(json.dumps(phantom_rows))
-    script = tmp_path / "ranks.py"
-    script.write_text(RANKS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(script), str(port), str(tmp_path / "out"), str(rows_file)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]
+    output = run_script(tmp_path, RANKS_SCRIPT, str(free_port()), str(tmp_path / "out"), str(rows_file))
+    assert output.strip() == "ok"
     assert (tmp_path / "out" / "tower_pretraining.safetensors").is_file()
     assert (tmp_path / "out" / "tower_pretraining.json").is_file()
 
