@@ -25,12 +25,12 @@ from transformers.utils import ModelOutput
 
 try:
     from .configuration_llava_radz import LlavaRadZConfig
+    from .convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
+    from .loss_llava_radz import LlavaRadZLoss, alignment_logits, alignment_loss, category_loss, clip_loss
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
-try:
-    from .convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
-except ImportError:
     from convert_llava_radz import add_token_rows, convert_original_llava, read_original_config
+    from loss_llava_radz import LlavaRadZLoss, alignment_logits, alignment_loss, category_loss, clip_loss
 
 # `save_pretrained` copies the pipeline file (and the modules it imports) into the checkpoint and
 # declares it in `config.custom_pipelines`.
@@ -39,72 +39,6 @@ PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py", "knowledg
 # temperature and the sigmoid bias).
 HEAD_MODULES = ("image_global_head", "text_global_head", "image_local_head", "text_local_head", "anchor_head")
 PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
-
-# ----------------------------------------------------------------------------------------------------------------
-# Losses (small functions, as in transformers' modeling_clip.py)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
-    """InfoNCE for a square logit matrix whose diagonal holds the positive pairs."""
-    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
-
-
-def clip_loss(logits_per_image: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE: the mean of the image→text and text→image losses."""
-    return (contrastive_loss(logits_per_image) + contrastive_loss(logits_per_image.t())) / 2.0
-
-
-def alignment_logits(image_embeds, text_embeds, image_local, text_local, logit_scale, alignment: str):
-    """`[n_images, n_texts]` logits. `"global"`: image-global · text-global. `"cross"`: the mean of
-    image-global · text-local and image-local · text-global (the paper's cross-level similarity)."""
-    if alignment == "global":
-        return logit_scale * image_embeds @ text_embeds.t()
-    return logit_scale * (image_embeds @ text_local.t() + image_local @ text_embeds.t()) / 2.0
-
-
-def alignment_loss(image_embeds, text_embeds, image_local, text_local, logit_scale, alignment: str):
-    """L_CA of DFAT: symmetric InfoNCE over the batch, row i of the images paired with row i of the texts.
-
-    `"global"` is CLIP's loss on the global embeddings; `"cross"` averages the losses of the two cross-level
-    pairings (image-global ↔ text-local, image-local ↔ text-global). All inputs are L2-normalised `[batch, dim]`.
-    """
-    if alignment == "global":
-        return clip_loss(logit_scale * image_embeds @ text_embeds.t())
-    global_to_local = clip_loss(logit_scale * image_embeds @ text_local.t())
-    local_to_global = clip_loss(logit_scale * image_local @ text_embeds.t())
-    return (global_to_local + local_to_global) / 2.0
-
-
-def category_loss(embeds, anchor_embeds, labels, logit_scale, kind: str = "softmax", bias=None):
-    """L_CG of DKAM for one modality: align each sample's global embedding with its categories' anchors.
-
-    Args:
-        embeds: `[batch, dim]` L2-normalised global embeddings (image or text).
-        anchor_embeds: `[num_categories, dim]` L2-normalised anchors.
-        labels: `[batch, num_categories]` multi-hot; 1 positive, 0 negative, NaN unknown.
-        kind: `"softmax"`: cross-entropy of the softmax over the known categories against the sample's positives
-            as a uniform soft target; rows without a positive are skipped. `"sigmoid"`: per-category binary
-            cross-entropy of `scale·cos + bias` over the known entries (a sample with only negatives counts).
-    Returns the mean over contributing samples (or entries); 0 (still in the graph) when nothing contributes.
-    """
-    logits = logit_scale * embeds @ anchor_embeds.t()
-    known = ~torch.isnan(labels)
-    positive = (labels == 1) & known
-    if kind == "softmax":
-        rows = positive.any(dim=1)
-        if not rows.any():
-            return logits.sum() * 0.0
-        masked = logits[rows].masked_fill(~known[rows], float("-inf"))
-        target = positive[rows].float() / positive[rows].sum(dim=1, keepdim=True)
-        log_probs = F.log_softmax(masked, dim=1).masked_fill(~known[rows], 0.0)
-        return -(target * log_probs).sum(dim=1).mean()
-    if not known.any():
-        return logits.sum() * 0.0
-    if bias is not None:
-        logits = logits + bias
-    return F.binary_cross_entropy_with_logits(logits[known], positive[known].float())
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -258,10 +192,13 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         self.anchor_head = (
             LlavaRadZHead(pooled, head_hidden, config.projection_dim) if config.anchor_head == "separate" else None
         )
+        # One-element parameters, not 0-d ones: FSDP (both versions) refuses scalar parameters.
         self.logit_scale = nn.Parameter(
-            torch.tensor(math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
+            torch.full((1,), math.log(1.0 / config.contrastive_temperature)), requires_grad=config.learnable_temperature
         )
-        self.category_bias = nn.Parameter(torch.zeros(())) if config.category_loss == "sigmoid" else None
+        self.category_bias = nn.Parameter(torch.zeros(1)) if config.category_loss == "sigmoid" else None
+        # The loss of the batch; RadZTrainer swaps in one that gathers across ranks under data parallel.
+        self.loss_fn = LlavaRadZLoss()
         self.post_init()
 
     @property
@@ -439,8 +376,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         return F.normalize(head(sums / counts.unsqueeze(1)), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        """`exp(logit_scale)`, clamped at 100 as in CLIP."""
-        return self.logit_scale.exp().clamp(max=100.0)
+        """`exp(logit_scale)`, clamped at 100 as in CLIP (shape `()`)."""
+        return self.logit_scale.exp().clamp(max=100.0).squeeze(0)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(
@@ -483,7 +420,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 image.embeds, text.embeds, image.local_embeds, text.local_embeds, scale, self.config.alignment
             )
 
-        loss = loss_alignment = loss_category = category_image = category_text = None
+        terms = None
         if return_loss:
             if image is None or text is None:
                 raise ValueError("return_loss=True needs both images and texts")
@@ -492,10 +429,6 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                     f"return_loss=True pairs image i with text i, but got {len(image.embeds)} images "
                     f"and {len(text.embeds)} texts"
                 )
-            loss_alignment = alignment_loss(
-                image.embeds, text.embeds, image.local_embeds, text.local_embeds, scale, self.config.alignment
-            )
-            loss = loss_alignment
             if labels is not None:
                 if anchor_embeds is None:
                     raise ValueError("labels need anchors: pass anchor_input_ids/... or anchor_embeds")
@@ -504,17 +437,16 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                         f"labels have shape {tuple(labels.shape)}, expected (batch={len(image.embeds)}, "
                         f"num_categories={len(anchor_embeds)})"
                     )
-                category_image, category_text = self.category_losses(image.embeds, text.embeds, anchor_embeds, labels)
-                loss_category = (category_image + category_text) / 2.0
-                lam = self.config.dkam_lambda
-                loss = lam * loss_alignment + (1.0 - lam) * loss_category
+            # Inside the forward, so that DDP, FSDP and ZeRO-3 see every parameter the loss uses.
+            terms = self.loss_fn(
+                image.embeds, text.embeds, image.local_embeds, text.local_embeds, scale,
+                alignment=self.config.alignment, anchor_embeds=anchor_embeds, labels=labels,
+                category_kind=self.config.category_loss, category_bias=self.category_bias,
+                dkam_lambda=self.config.dkam_lambda,
+            )  # fmt: skip
 
         return LlavaRadZOutput(
-            loss=loss,
-            loss_alignment=loss_alignment,
-            loss_category=loss_category,
-            loss_category_image=category_image,
-            loss_category_text=category_text,
+            **(terms or {}),
             logits_per_image=logits_per_image,
             logits_per_text=None if logits_per_image is None else logits_per_image.t(),
             image_embeds=None if image is None else image.embeds,
@@ -525,18 +457,12 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             logit_scale=scale,
         )
 
-    def category_losses(self, image_embeds, text_embeds, anchor_embeds, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image-side and the text-side `category_loss` (L_CG is their mean)."""
-        labels = labels.to(image_embeds.device, image_embeds.dtype)
-        kind, scale, bias = self.config.category_loss, self.scale(), self.category_bias
-        return (
-            category_loss(image_embeds, anchor_embeds, labels, scale, kind, bias),
-            category_loss(text_embeds, anchor_embeds, labels, scale, kind, bias),
-        )
-
     def category_loss(self, image_embeds, text_embeds, anchor_embeds, labels) -> torch.Tensor:
         """L_CG: the mean of the image-side and text-side `category_loss`."""
-        return sum(self.category_losses(image_embeds, text_embeds, anchor_embeds, labels)) / 2.0
+        labels = labels.to(image_embeds.device, image_embeds.dtype)
+        kind, scale, bias = self.config.category_loss, self.scale(), self.category_bias
+        image_side = category_loss(image_embeds, anchor_embeds, labels, scale, kind, bias)
+        return (image_side + category_loss(text_embeds, anchor_embeds, labels, scale, kind, bias)) / 2.0
 
     # -- conversion from LLaVA -------------------------------------------------------------------------------
     @classmethod

@@ -155,9 +155,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate_main(argv: list[str] | None = None) -> dict:
-    """Run one evaluation; returns the metrics.json record (with `report_text`). Errors that need the user to
-    choose (no validation split, unknown labels...) exit with status 2 and say what to pass."""
+def evaluate_main(argv: list[str] | None = None) -> dict | None:
+    """Run one evaluation; returns the metrics.json record (with `report_text`; None on the other processes of a
+    multi-process run, `accelerate launch ... radz-evaluate`, which shards the chunks across the processes).
+    Errors that need the user to choose (no validation split, unknown labels...) exit with status 2 and say what to
+    pass."""
+    import torch.distributed as dist
+
     from radz.evaluation.harness import EvaluationConfig, EvaluationError, run_evaluation
 
     parser = evaluate_parser()
@@ -170,6 +174,11 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
         record = run_evaluation(EvaluationConfig(**options))
     except EvaluationError as error:
         parser.exit(2, f"radz-evaluate: error: {error}\n")
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if record is None:
+        return None  # another process of a multi-process run; the main process reports
     print(record["report_text"])
     protocol = record["threshold_protocol"]
     if record["oracle"]:

@@ -83,3 +83,38 @@ REPORTS = [
 def random_images(count, seed=0, size=(40, 48)):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, size, dtype=np.uint8) for _ in range(count)]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_script(tmp_path, script: str, *args: str, timeout: int = 240) -> str:
+    """Run `script` (Python source, which may start its own processes) with the repository importable; return its
+    stdout, failing the test with stderr on a non-zero exit."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True,
+                            timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def accelerate_launch(script: str, args: list[str], processes: int = 2, timeout: int = 300):
+    """`accelerate launch --multi_gpu --num_processes N SCRIPT ARGS` from the repository root: N CPU processes with
+    gloo. Returns the completed process, failing the test on a non-zero exit."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", script, *args,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stderr[-5000:]}"
+    return result

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from radz.datasets import DATASETS, dataset_metadata, load_split
 
+from .distributed import Shard, current_shard
 from .methods import METHODS, EvaluationError, build_scorer
 from .metrics import ORACLE_CAPTION, PROTOCOLS, SUMMARY_AUC_KEY, ThresholdChoice, compute_metrics
 from .metrics import thresholds_for_protocol
@@ -200,20 +201,24 @@ class ScoringStats:
 
 
 def score_split(scorer, data: EvalData, chunk_root: Path, settings: dict, config: EvaluationConfig,
-                stats: ScoringStats) -> dict[str, np.ndarray]:
+                stats: ScoringStats, shard: Shard = Shard()) -> dict[str, np.ndarray] | None:
     """Score every image of `data`; returns `{"score": [N, C], ...}` (whatever `scorer.outputs` gives).
 
     Chunks of `config.chunk_size` images go to `chunk_root/<split>-<hash of settings>/`; a finished chunk is read back
-    instead of recomputed when its image paths are the expected ones.
+    instead of recomputed when its image paths are the expected ones. With several processes (`shard`) each scores
+    its own chunks and the main process gets all the predictions (`radz.evaluation.distributed`); the others get None.
     """
     chunk_dir = chunk_root / f"{data.split}-{settings_key(settings)}"
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    (chunk_dir / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    if shard.is_main:
+        (chunk_dir / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     size = config.chunk_size
-    frames = []
-    with tqdm(total=len(data.images), desc=f"{scorer.name} · {data.split}", unit="img") as progress:
-        for index, start in enumerate(range(0, len(data.images), size)):
-            images = data.images[start : start + size]
+    mine = shard.chunks(math.ceil(len(data.images) / size))
+    frames = {}
+    total = sum(len(data.images[index * size : (index + 1) * size]) for index in mine)
+    with tqdm(total=total, desc=f"{scorer.name} · {data.split}", unit="img", disable=not shard.is_main) as progress:
+        for index in mine:
+            images = data.images[index * size : (index + 1) * size]
             path = chunk_dir / f"chunk_{index:05d}.parquet"
             frame = _read_chunk(path, images)
             if frame is None:
@@ -230,7 +235,10 @@ def score_split(scorer, data: EvalData, chunk_root: Path, settings: dict, config
             else:
                 stats.images_resumed += len(images)
                 progress.update(len(images))
-            frames.append(frame)
+            frames[index] = frame
+    frames = shard.gather(frames, stats)
+    if frames is None:
+        return None
     predictions = pd.concat(frames, ignore_index=True)
     kinds = sorted({column.split(":", 1)[0] for column in predictions.columns if ":" in column})
     return {kind: predictions[prediction_columns(kind, data.label_names)].to_numpy(np.float64) for kind in kinds}
@@ -312,8 +320,9 @@ def _check_config(config: EvaluationConfig, scorer) -> None:
             raise EvaluationError(f"template {template!r} must contain '{{}}' exactly once (where the label goes)")
 
 
-def run_evaluation(config: EvaluationConfig) -> dict:
-    """Evaluate `config.method` on `config.split`; write the outputs under `config.output_dir`; return metrics.json."""
+def run_evaluation(config: EvaluationConfig) -> dict | None:
+    """Evaluate `config.method` on `config.split`; write the outputs under `config.output_dir`; return metrics.json
+    (None on the other processes of a multi-process run)."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     config.output_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +338,10 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         raise EvaluationError(f"train labels {train.label_names} differ from test labels {test.label_names}")
     if train is not None and validation is not None:
         train = train.without(validation.images)  # a validation split made from the training list (ChestX-ray14)
+    shard = current_shard()
+    if shard.world_size > 1 and method is not None and method.trained:
+        raise EvaluationError(f"--method {config.method} trains before it scores; run it on one process "
+                              "(python evaluate_radz.py), not under a multi-process launcher")
     scorer = build_scorer(config, train)
     _check_config(config, scorer)
 
@@ -351,7 +364,9 @@ def run_evaluation(config: EvaluationConfig) -> dict:
         if template is not None:
             scorer.template = template
         out_dir = config.output_dir / f"template_{index:02d}" if config.templates else config.output_dir
-        runs.append(_evaluate_template(config, scorer, test, validation, out_dir, base, started))
+        runs.append(_evaluate_template(config, scorer, test, validation, out_dir, base, started, shard))
+    if not shard.is_main:
+        return None  # this process's predictions went to the main process, which writes the outputs
     if not config.templates:
         return runs[0]
     return _write_sensitivity(config, base, runs, started)
@@ -367,7 +382,7 @@ def _validation_note(config: EvaluationConfig, validation: EvalData | None, task
     return f"thresholds chosen on the validation split {validation.split!r}" + (f": {note}" if note else "")
 
 
-def _evaluate_template(config, scorer, test, validation, out_dir, base, started) -> dict:
+def _evaluate_template(config, scorer, test, validation, out_dir, base, started, shard) -> dict | None:
     settings = {
         **scorer.settings(),
         **model_fingerprint(config.model),
@@ -379,10 +394,13 @@ def _evaluate_template(config, scorer, test, validation, out_dir, base, started)
     }
     stats = ScoringStats()
     chunk_root = out_dir / "chunks"
-    outputs = score_split(scorer, test, chunk_root, settings, config, stats)
-    val_scores = None
+    outputs = score_split(scorer, test, chunk_root, settings, config, stats, shard)
+    val_outputs = None
     if validation is not None:
-        val_scores = score_split(scorer, validation, chunk_root, settings, config, stats)["score"]
+        val_outputs = score_split(scorer, validation, chunk_root, settings, config, stats, shard)
+    if not shard.is_main:
+        return None
+    val_scores = None if val_outputs is None else val_outputs["score"]
     metrics = evaluate_scores(test.task, outputs["score"], test, config.threshold_protocol, val_scores, validation,
                               config.bootstrap, config.seed)
     record = {**base, "template": scorer.template, "settings": scorer.settings(), "method_summary": scorer.summary()}

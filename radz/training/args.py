@@ -150,6 +150,17 @@ class RadZTrainingArguments(TrainingArguments):
         default=True,
         metadata={"help": "Under data parallel, compute the contrastive loss over the global batch (all ranks)."},
     )
+    gather_with_grad: bool = field(
+        default=False,
+        metadata={"help": "Gather the embeddings with a differentiable all-gather (open_clip's --gather-with-grad)."},
+    )
+    local_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Each rank computes L_CA of its own rows against all rows ([n_local, N] logits instead of [N, N]; "
+            "open_clip's --local-loss); needs --gather_with_grad."
+        },
+    )
     anchor_descriptions_per_step: int = field(
         default=1,
         metadata={
@@ -208,5 +219,7 @@ class RadZTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must be False: the collator reads image/report/labels")
+        if self.local_loss and not self.gather_with_grad:
+            raise ValueError("--local_loss needs --gather_with_grad (otherwise the gradient misses other ranks' terms)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"--max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")

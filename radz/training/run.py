@@ -7,7 +7,6 @@ LoRA adapters and optimizer state, not the model users load).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from . import precision
 from .args import DataArguments, ModelArguments, RadZTrainingArguments
 from .data import RadZCollator, load_training_data, scan_dataset
 from .lora import merged_model, prepare_for_training
-from .tower import pretrain_vision_tower
+from .checkpoints import resolve_resume
+from .tower import run_tower_stage
 from .trainer import AnchorBank, RadZTrainer
 
 logger = logging.getLogger("radz.train")
@@ -85,16 +85,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         fallback_dataset=train_dataset,
         seed=training_args.seed,
     )
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     if training_args.tower_pretraining_steps > 0:
-        # Deterministic, like the calibration below: a resumed run repeats it and gets the same buffers.
-        curve = pretrain_vision_tower(
-            model, processor, train_dataset, training_args.tower_pretraining_steps,
-            batch_size=training_args.tower_pretraining_batch_size,
-            learning_rate=training_args.tower_pretraining_learning_rate, seed=training_args.seed,
-        )
-        if training_args.should_save:
-            Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(training_args.output_dir) / "tower_pretraining.json").write_text(json.dumps(curve, indent=1))
+        run_tower_stage(model, processor, train_dataset, training_args, resuming=resume is not None)
     if training_args.calibration_samples > 0:
         # Deterministic (the first rows, the initial weights), so a resumed run recomputes the same buffers.
         rows = [train_dataset[i] for i in range(min(training_args.calibration_samples, len(train_dataset)))]
@@ -111,7 +104,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: R
         anchor_bank=anchor_bank,
         eval_label_names=eval_label_names,
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

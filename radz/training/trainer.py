@@ -1,12 +1,9 @@
 """`RadZTrainer`: the DFAT + DKAM objective `λ·L_CA + (1−λ)·L_CG` on the transformers `Trainer`.
 
-Gathered negatives. Under data parallel every rank all-gathers the image/text global and local embeddings and the
-labels, and computes the loss of the *global* batch, as open_clip's `ClipLoss(local_loss=False,
-gather_with_grad=False)`: `all_gather` carries no gradient, so this rank's slice is put back as the local tensor,
-which keeps its graph. Each rank then back-propagates only through its own shard; the shard's gradient is multiplied
-by the world size so that DDP's gradient *averaging* yields exactly the gradient of the global-batch loss (what one
-process with the whole batch computes). Parameters every rank uses in full (`logit_scale`, the anchors) already get
-the full gradient on each rank, and averaging leaves it unchanged.
+The model's forward computes the loss, once, with its loss module (`loss_llava_radz.LlavaRadZLoss`). Under data
+parallel with `--gather_negatives` the trainer gives the model a loss module that gathers the embeddings and labels
+of every rank, so that each rank computes the loss of the global batch, with gradients whose average over the ranks
+is the global-batch gradient under DDP, FSDP and DeepSpeed alike (the loss module's docstring says how).
 """
 
 from __future__ import annotations
@@ -22,63 +19,23 @@ import torch.distributed as dist
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from modeling_llava_radz import alignment_logits, alignment_loss
+from loss_llava_radz import LlavaRadZLoss
 from zero_shot_llava_radz import build_zero_shot_classifier
 
+from .checkpoints import STAGING_DIR, clear_staging, publish_checkpoint
 from .data import BalancedClassSampler, RadZCollator, balance_keys
 from .lora import NON_ADAPTER_FILE, non_adapter_state, unwrap
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gathering across ranks
-# ----------------------------------------------------------------------------------------------------------------
 
 
 VISION_PARAMETER = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.")
 
 
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by `factor`."""
-
-    @staticmethod
-    def forward(ctx, tensor, factor: float):
-        ctx.factor = factor
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
 def distributed_world() -> int:
     """The data-parallel world size (1 when torch.distributed is not initialised)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_rows(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """All-gather each `[n_local, ...]` tensor along dim 0 from every rank, in rank order.
-
-    Ranks may hold different `n_local` (the collator can skip bad samples), so sizes are exchanged first and the
-    rows padded. Gradients flow only into this rank's own rows, scaled by the world size (see the module docstring).
-    """
-    world, rank = dist.get_world_size(), dist.get_rank()
-    device = tensors[0].device
-    count = torch.tensor([len(tensors[0])], device=device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    gathered = []
-    for tensor in tensors:
-        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-        padded[: len(tensor)] = tensor.detach()
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        parts = [part[:n] for part, n in zip(parts, counts)]
-        parts[rank] = _ScaleGradient.apply(tensor, float(world)) if tensor.requires_grad else tensor
-        gathered.append(torch.cat(parts))
-    return gathered
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,7 +151,7 @@ class RadZTrainer(Trainer):
     Extra arguments: `anchor_bank` (an `AnchorBank` over the training label names, for L_CG; None trains L_CA
     only), and for `evaluate`, `eval_label_names`.
     Logs `loss_alignment`, `loss_category` (with its image-side and text-side terms `loss_category_image` and
-    `loss_category_text`), `temperature` (1/scale) and `retrieval_top1` (image→text top-1 on the global batch) next
+    `loss_category_text`), `temperature` (1/scale) and `retrieval_top1` (image→text top-1 on this rank's batch) next
     to `loss`.
     """
 
@@ -202,6 +159,7 @@ class RadZTrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, anchor_bank=None, eval_label_names=None, **kwargs):
+        self._staging_dir = None  # the temporary run directory while a checkpoint is written
         super().__init__(*args, **kwargs)
         self.anchor_bank = anchor_bank
         self.eval_label_names = list(eval_label_names or [])
@@ -209,54 +167,40 @@ class RadZTrainer(Trainer):
         self._metric_steps = 0
         if isinstance(self.data_collator, RadZCollator):
             self.add_callback(BadSampleCallback(self.data_collator))
+        if self.args.gather_negatives and self.accelerator.num_processes > 1:
+            self._radz_model().loss_fn = LlavaRadZLoss(
+                local_loss=self.args.local_loss,
+                gather_with_grad=self.args.gather_with_grad,
+                rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
+            )
 
     # -- loss ------------------------------------------------------------------------------------------------
-    def _gathering(self) -> bool:
-        return self.args.gather_negatives and distributed_world() > 1
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        radz = unwrap(self.accelerator.unwrap_model(model))
-        lam = radz.config.dkam_lambda
         labels = inputs.get("labels")
-        with_category = labels is not None and lam < 1 and self.anchor_bank is not None
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if with_category:
+        if labels is not None and self.anchor_bank is not None and self._radz_model().config.dkam_lambda < 1:
             anchors = self.anchor_bank.sample(self.state.global_step)
             inputs.update({k: v.to(self.args.device) for k, v in anchors.items()}, labels=labels)
-        # The forward computes the local-batch loss; every parameter the loss touches is used inside it, as DDP needs.
         outputs = model(**inputs, return_loss=True)
-
-        if self._gathering():
-            tensors = [outputs.image_embeds, outputs.text_embeds, outputs.image_local_embeds, outputs.text_local_embeds]
-            image, text, image_local, text_local, *rest = gather_rows(tensors + ([labels] if with_category else []))
-            scale, alignment = outputs.logit_scale, radz.config.alignment
-            loss_alignment = alignment_loss(image, text, image_local, text_local, scale, alignment)
-            logits = alignment_logits(image, text, image_local, text_local, scale, alignment)
-            loss, category = loss_alignment, None
-            if with_category:
-                category = radz.category_losses(image, text, outputs.anchor_embeds, rest[0])
-                loss = lam * loss_alignment + (1.0 - lam) * sum(category) / 2.0
-        else:
-            loss, loss_alignment = outputs.loss, outputs.loss_alignment
-            category = None
-            if outputs.loss_category is not None:
-                category = (outputs.loss_category_image, outputs.loss_category_text)
-            logits = outputs.logits_per_image
-
         if model.training:
-            self._record_metrics(loss_alignment, category, outputs.logit_scale, logits)
-        return (loss, outputs) if return_outputs else loss
+            self._record_metrics(outputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _radz_model(self):
+        """The LlavaRadZForZeroShotClassification inside the engine and peft wrappers."""
+        return unwrap(self.accelerator.unwrap_model(self.model))
 
     @torch.no_grad()
-    def _record_metrics(self, loss_alignment, category, scale, logits):
-        """`category`: the image-side and text-side L_CG terms, or None without L_CG."""
+    def _record_metrics(self, outputs):
         sums = self._metric_sums
-        sums["loss_alignment"] += float(loss_alignment)
-        if category is not None:
-            sums["loss_category"] += float(sum(category)) / 2.0
-            sums["loss_category_image"] += float(category[0])
-            sums["loss_category_text"] += float(category[1])
-        sums["temperature"] += 1.0 / float(scale)
+        sums["loss_alignment"] += float(outputs.loss_alignment)
+        if outputs.loss_category is not None:
+            sums["loss_category"] += float(outputs.loss_category)
+            sums["loss_category_image"] += float(outputs.loss_category_image)
+            sums["loss_category_text"] += float(outputs.loss_category_text)
+        sums["temperature"] += 1.0 / float(outputs.logit_scale)
+        logits = outputs.logits_per_image
         targets = torch.arange(len(logits), device=logits.device)
         sums["retrieval_top1"] += float((logits.argmax(dim=1) == targets).float().mean())
         self._metric_steps += 1
@@ -297,13 +241,35 @@ class RadZTrainer(Trainer):
         return BalancedClassSampler(balance_keys(dataset["labels"]), seed=seed)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, written under a temporary name and renamed when complete (`checkpoints.py`)."""
+        run_dir = self._get_output_dir(trial)
+        if self.args.should_save:
+            clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = os.path.join(run_dir, STAGING_DIR)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        if self.args.should_save:
+            publish_checkpoint(run_dir, self.state.global_step, self.state, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        return self._staging_dir or super()._get_output_dir(trial)
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         if isinstance(self.model, PeftModel):
-            state = {name: tensor.contiguous().cpu() for name, tensor in non_adapter_state(self.model).items()}
+            # Under DeepSpeed ZeRO-3 the parameters are partitions: the Trainer passes their gathered values.
+            trainable = non_adapter_state(self.model)
+            source = state_dict or trainable
+            state = {name: source[name].contiguous().cpu() for name in trainable if name in source}
             save_file(state, os.path.join(output_dir, NON_ADAPTER_FILE), metadata={"format": "pt"})
         # Checkpoint files are safetensors and JSON: the Trainer's pickled TrainingArguments becomes JSON.
         pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
@@ -333,7 +299,8 @@ class RadZTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_non_adapter(resume_from_checkpoint, model)
+        if not self.is_fsdp_enabled:  # FSDP's sharded checkpoint already holds every parameter
+            self._load_non_adapter(resume_from_checkpoint, model)
 
     def _load_best_model(self):
         super()._load_best_model()
@@ -348,6 +315,13 @@ class RadZTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None or not self.eval_label_names:
             raise ValueError("evaluate needs a labelled validation set (--validation_file with labels)")
+        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+            # The main process alone cannot run a model whose parameters are sharded across the ranks.
+            raise ValueError(
+                "the zero-shot evaluation during training runs on the main process, which cannot use parameters "
+                "sharded by FSDP or ZeRO-3: train with --eval_strategy no and evaluate the saved model with "
+                "`accelerate launch evaluate_radz.py`"
+            )
         names = self.eval_label_names
         values = torch.full((len(names) + 1,), math.nan, device=self.args.device)
         if self.is_world_process_zero():
