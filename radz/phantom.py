@@ -505,7 +505,8 @@ class _Scene:
     mottle: np.ndarray  # finer smooth noise
 
 
-# Region masks: where each finding was drawn, thresholded from the finding's own soft mask.
+# Region masks: where each finding lies, thresholded from its soft mask inside the lung (also where the heart
+# shadow makes it fainter).
 _REGION_LEVEL = np.float32(0.5)
 
 
@@ -676,8 +677,8 @@ def _draw_effusion(scene, p):
         level = {"small": cp_angle - 0.17, "moderate": an.dome[side] - 0.12,
                  "large": an.dome[side] - 0.42}[p["sizes"][side]]
         meniscus = f32(level) + f32(0.2) * (1 - lateral) ** 2
-        fluid = _unit((y - meniscus) * f32(1 / 0.06)) * lung * (1 - scene.heart)
-        A += fluid * f32(0.47)
+        fluid = _unit((y - meniscus) * f32(1 / 0.06)) * lung
+        A += fluid * (1 - scene.heart) * f32(0.47)
         region |= fluid > _REGION_LEVEL
         p["fluid_top_px"][side] = float(cv.to_pixel(lung_x, level)[1])
     return region
@@ -709,15 +710,18 @@ def _draw_pneumonia(rng, scene, p):
         radius = focus["radius"]
         envelope = np.exp(-((x - f32(cx)) ** 2 + (y - f32(cy)) ** 2) * f32(1 / (2 * (0.75 * radius) ** 2)))
         fluffy = f32(1.0) + f32(0.4) * scene.patchiness + f32(0.35) * scene.mottle
-        patch = _unit((envelope * fluffy - f32(0.3)) * f32(1.5)) * lung * (f32(1) - f32(0.7) * scene.heart)
+        opacity = _unit((envelope * fluffy - f32(0.3)) * f32(1.5)) * lung
+        patch = opacity * (f32(1) - f32(0.7) * scene.heart)
         if side == "right" and lobe_index in (0, 1):  # the minor fissure gives a sharp edge
-            patch *= cv.edge((f32(hilum_y) - y) if lobe_index == 0 else (y - f32(hilum_y)))
+            fissure = cv.edge((f32(hilum_y) - y) if lobe_index == 0 else (y - f32(hilum_y)))
+            patch *= fissure
+            opacity = opacity * fissure
         A += patch * f32(focus["density"])
         if focus["air_bronchograms"]:
             bronchi = _unit(f32(1) - scene.vessel_ridge * f32(0.7))
             A -= bronchi * _unit(patch * f32(2) - f32(1)) * f32(0.18)
         # The patch's soft edge is its own density ramp: a fifth of the peak already reads as opacity.
-        region |= patch > f32(0.2)
+        region |= opacity > f32(0.2)
         focus["center_px"] = tuple(float(c) for c in cv.to_pixel(cx, cy))
         focus["radius_px"] = float(radius * cv.px_per_unit())
     return region
@@ -795,8 +799,8 @@ def _draw_atelectasis(rng, scene, p):
         along = (x - f32(x0)) * f32(math.cos(angle)) + (y - f32(y0)) * f32(math.sin(angle))
         across = (y - f32(y0)) * f32(math.cos(angle)) - (x - f32(x0)) * f32(math.sin(angle))
         band = _unit(1 - (across * f32(1 / thickness)) ** 2) * cv.edge(f32(half_length) - np.abs(along))
-        band = band * lung * (f32(1) - scene.heart)
-        A += band * f32(0.32)
+        band = band * lung
+        A += band * (f32(1) - scene.heart) * f32(0.32)
         p["center_px"] = tuple(float(c) for c in cv.to_pixel(x0, y0))
         return band > _REGION_LEVEL
     # Lobar collapse: a dense triangle with its apex at the hilum and a sharp border along the displaced fissure
@@ -809,13 +813,12 @@ def _draw_atelectasis(rng, scene, p):
     dx, dy = scene.hilar_dx, scene.hilar_dy
     if p["kind"] == "lower lobe":
         tan_a = f32(math.tan(math.radians(rng.uniform(18, 30))))
-        wedge = cv.edge((dy * tan_a - dx) * f32(0.9)) * (dy > 0)
-        wedge = wedge * same_side * lung * (f32(1) - f32(0.5) * scene.heart)
+        wedge = cv.edge((dy * tan_a - dx) * f32(0.9)) * (dy > 0) * same_side * lung
+        A += wedge * (f32(1) - f32(0.5) * scene.heart) * f32(0.3)
     else:
         tan_b = f32(math.tan(math.radians(rng.uniform(12, 25))))
-        wedge = cv.edge((-dy * tan_b - dx) * f32(0.8)) * (dy < 0)
-        wedge = wedge * same_side * lung * (f32(1) - scene.heart)
-    A += wedge * f32(0.3)
+        wedge = cv.edge((-dy * tan_b - dx) * f32(0.8)) * (dy < 0) * same_side * lung
+        A += wedge * (f32(1) - scene.heart) * f32(0.3)
     return wedge > _REGION_LEVEL
 
 
@@ -878,152 +881,183 @@ def _cap(text):
 
 def _describe(rng, name, p, attrs):
     """(findings sentence, impression phrase) for one present finding."""
-    pick = functools.partial(_pick, rng)
-    if name == "Cardiomegaly":
-        sev = p["severity"]
-        ratio = attrs["heart_width_ratio"]
+    return _DESCRIBERS[name](functools.partial(_pick, rng), p, attrs)
+
+
+def _describe_cardiomegaly(pick, p, attrs):
+    """The enlarged heart, by severity or cardiothoracic ratio."""
+    sev = p["severity"]
+    ratio = attrs["heart_width_ratio"]
+    sentence = pick((
+        f"The cardiac silhouette is {sev}ly enlarged.",
+        f"The cardiac silhouette is enlarged, with a cardiothoracic ratio of approximately {ratio:.2f}.",
+        f"There is {sev} enlargement of the cardiac silhouette.",
+        f"The heart is {sev}ly enlarged.",
+        f"Enlarged cardiac silhouette, cardiothoracic ratio about {round(ratio * 100)}%.",
+        f"{_cap(sev)} cardiomegaly.",
+    ))
+    impression = pick((f"{sev} cardiomegaly", "cardiomegaly", "enlarged cardiac silhouette",
+                       f"{sev} enlargement of the cardiac silhouette"))
+    return sentence, impression
+
+
+def _describe_pleural_effusion(pick, p, attrs):
+    """One or both effusions, with their sizes."""
+    sides, sizes = p["sides"], p["sizes"]
+    if len(sides) == 2:
+        sz = sizes["right"] if sizes["right"] == sizes["left"] else "small to moderate" \
+            if {"small", "moderate"} == set(sizes.values()) else "asymmetric"
         sentence = pick((
-            f"The cardiac silhouette is {sev}ly enlarged.",
-            f"The cardiac silhouette is enlarged, with a cardiothoracic ratio of approximately {ratio:.2f}.",
-            f"There is {sev} enlargement of the cardiac silhouette.",
-            f"The heart is {sev}ly enlarged.",
-            f"Enlarged cardiac silhouette, cardiothoracic ratio about {round(ratio * 100)}%.",
-            f"{_cap(sev)} cardiomegaly.",
+            f"There are {sz} bilateral pleural effusions, {sizes['right']} on the right and "
+            f"{sizes['left']} on the left.",
+            "Blunting of both costophrenic angles with meniscus-shaped basal opacities, "
+            f"{sizes['right']} on the right and {sizes['left']} on the left.",
+            f"Bilateral layering pleural fluid, {sizes['right']} on the right and {sizes['left']} "
+            "on the left, obscuring the hemidiaphragms.",
         ))
-        impression = pick((f"{sev} cardiomegaly", "cardiomegaly", "enlarged cardiac silhouette",
-                           f"{sev} enlargement of the cardiac silhouette"))
+        impression = pick((f"{sz} bilateral pleural effusions", "bilateral pleural effusions",
+                           "bilateral pleural fluid"))
         return sentence, impression
-    if name == "Pleural Effusion":
-        sides, sizes = p["sides"], p["sizes"]
-        if len(sides) == 2:
-            sz = sizes["right"] if sizes["right"] == sizes["left"] else "small to moderate" \
-                if {"small", "moderate"} == set(sizes.values()) else "asymmetric"
-            sentence = pick((
-                f"There are {sz} bilateral pleural effusions, {sizes['right']} on the right and "
-                f"{sizes['left']} on the left.",
-                "Blunting of both costophrenic angles with meniscus-shaped basal opacities, "
-                f"{sizes['right']} on the right and {sizes['left']} on the left.",
-                f"Bilateral layering pleural fluid, {sizes['right']} on the right and {sizes['left']} "
-                "on the left, obscuring the hemidiaphragms.",
-            ))
-            impression = pick((f"{sz} bilateral pleural effusions", "bilateral pleural effusions",
-                               "bilateral pleural fluid"))
-            return sentence, impression
-        side = sides[0]
-        sz = sizes[side]
-        variants = [
-            f"There is a {sz} {side} pleural effusion.",
-            f"Blunting of the {side} costophrenic angle with a meniscus, consistent with a {sz} effusion.",
-            f"A {sz} {side} pleural effusion with a meniscus along the lateral chest wall.",
-            f"Homogeneous opacity at the {side} base with a concave upper border (meniscus), "
-            f"in keeping with {sz} pleural fluid.",
-        ]
-        if sz == "small":
-            variants.append(f"Blunting of the {side} costophrenic angle, likely a small effusion.")
-        else:
-            variants.append(f"{_cap(sz)} {side} pleural effusion obscuring the {side} hemidiaphragm.")
-        impression = pick((f"{sz} {side} pleural effusion", f"{side} pleural effusion",
-                           f"{sz} {side} effusion"))
-        return pick(variants), impression
-    if name == "Pneumothorax":
-        side, sz, gap = p["side"], p["size"], p["apical_gap_cm"]
+    side = sides[0]
+    sz = sizes[side]
+    variants = [
+        f"There is a {sz} {side} pleural effusion.",
+        f"Blunting of the {side} costophrenic angle with a meniscus, consistent with a {sz} effusion.",
+        f"A {sz} {side} pleural effusion with a meniscus along the lateral chest wall.",
+        f"Homogeneous opacity at the {side} base with a concave upper border (meniscus), "
+        f"in keeping with {sz} pleural fluid.",
+    ]
+    if sz == "small":
+        variants.append(f"Blunting of the {side} costophrenic angle, likely a small effusion.")
+    else:
+        variants.append(f"{_cap(sz)} {side} pleural effusion obscuring the {side} hemidiaphragm.")
+    impression = pick((f"{sz} {side} pleural effusion", f"{side} pleural effusion",
+                       f"{sz} {side} effusion"))
+    return pick(variants), impression
+
+
+def _describe_pneumothorax(pick, p, attrs):
+    """The side, size and apical gap of the pneumothorax."""
+    side, sz, gap = p["side"], p["size"], p["apical_gap_cm"]
+    sentence = pick((
+        f"There is a {sz} {side} pneumothorax.",
+        f"A visceral pleural line is seen at the {side} apex with absent lung markings peripherally, "
+        f"consistent with a {sz} pneumothorax.",
+        f"{_cap(side)} apical and lateral lucency devoid of lung markings, with a visible visceral pleural line.",
+        f"{_cap(sz)} {side} pneumothorax, with the visceral pleural line approximately {gap:.1f} cm "
+        "from the apex of the chest wall.",
+        f"Visceral pleural line in the {side} hemithorax with a lucent rim without lung markings laterally.",
+    ))
+    impression = pick((f"{sz} {side} pneumothorax", f"{side} pneumothorax",
+                       f"{side} apical pneumothorax"))
+    return sentence, impression
+
+
+def _describe_pneumonia(pick, p, attrs):
+    """Each focus by lobe, with air bronchograms and a silhouetted heart border."""
+    sentences, impressions = [], []
+    for f in p["foci"]:
+        lobe = f["lobe"]
+        bronch = " with air bronchograms" if f["air_bronchograms"] else ""
+        border = ""
+        if f["lobe_index"] == 1:
+            border = f", obscuring the {f['side']} heart border"
+        sentences.append(pick((
+            f"Patchy airspace opacity in the {lobe}{bronch}{border}.",
+            f"There is consolidation in the {lobe}{bronch}{border}.",
+            f"Focal airspace consolidation involving the {lobe}{bronch}.",
+            f"Ill-defined airspace opacities in the {lobe}{border}{bronch}.",
+            f"{_cap(lobe)} consolidation{bronch}.",
+        )))
+        impressions.append(pick((f"{lobe} pneumonia", f"{lobe} consolidation, likely pneumonia",
+                                 f"airspace disease in the {lobe}, compatible with pneumonia",
+                                 f"{lobe} consolidation")))
+    return " ".join(sentences), "; ".join(impressions)
+
+
+def _describe_nodule(pick, p, attrs):
+    """Each lesion by size, side, zone and margin."""
+    sentences, impressions = [], []
+    for les in p["lesions"]:
+        cm, side, kind = les["diameter_cm"], les["side"], les["kind"]
+        zone = pick(_ZONE_WORDS[les["zone"]])
+        margin = "lobulated" if les["lobulated"] else pick(("well-defined", "well-circumscribed",
+                                                            "smoothly marginated"))
+        sentences.append(pick((
+            f"A {cm:.1f} cm rounded opacity in the {side} {zone}.",
+            f"There is a {margin} {cm:.1f} cm {kind} in the {side} {zone}.",
+            f"{_cap(margin)} round opacity measuring {cm:.1f} cm projecting over the {side} {zone}.",
+            f"A {cm:.1f} cm {margin} {kind} is seen in the {side} {zone}.",
+        )))
+        impressions.append(pick((f"{cm:.1f} cm {side} {zone} {kind}",
+                                 f"{side} {zone} {kind}, further evaluation with CT is recommended",
+                                 f"{kind} in the {side} {zone}")))
+    return " ".join(sentences), "; ".join(impressions)
+
+
+def _describe_edema(pick, p, attrs):
+    """Interstitial (mild) or alveolar edema."""
+    sev = p["severity"]
+    if sev == "mild":
         sentence = pick((
-            f"There is a {sz} {side} pneumothorax.",
-            f"A visceral pleural line is seen at the {side} apex with absent lung markings peripherally, "
-            f"consistent with a {sz} pneumothorax.",
-            f"{_cap(side)} apical and lateral lucency devoid of lung markings, with a visible visceral pleural line.",
-            f"{_cap(sz)} {side} pneumothorax, with the visceral pleural line approximately {gap:.1f} cm "
-            "from the apex of the chest wall.",
-            f"Visceral pleural line in the {side} hemithorax with a lucent rim without lung markings laterally.",
+            "Mild interstitial edema with Kerley B lines at the lung bases.",
+            "Peribronchial cuffing and septal lines at both bases, consistent with interstitial edema.",
+            "Prominent pulmonary vasculature with mild perihilar haziness and Kerley B lines.",
+            "Mild pulmonary vascular congestion with basal septal lines.",
         ))
-        impression = pick((f"{sz} {side} pneumothorax", f"{side} pneumothorax",
-                           f"{side} apical pneumothorax"))
-        return sentence, impression
-    if name == "Pneumonia":
-        sentences, impressions = [], []
-        for f in p["foci"]:
-            lobe = f["lobe"]
-            bronch = " with air bronchograms" if f["air_bronchograms"] else ""
-            border = ""
-            if f["lobe_index"] == 1:
-                border = f", obscuring the {f['side']} heart border"
-            sentences.append(pick((
-                f"Patchy airspace opacity in the {lobe}{bronch}{border}.",
-                f"There is consolidation in the {lobe}{bronch}{border}.",
-                f"Focal airspace consolidation involving the {lobe}{bronch}.",
-                f"Ill-defined airspace opacities in the {lobe}{border}{bronch}.",
-                f"{_cap(lobe)} consolidation{bronch}.",
-            )))
-            impressions.append(pick((f"{lobe} pneumonia", f"{lobe} consolidation, likely pneumonia",
-                                     f"airspace disease in the {lobe}, compatible with pneumonia",
-                                     f"{lobe} consolidation")))
-        return " ".join(sentences), "; ".join(impressions)
-    if name == "Nodule":
-        sentences, impressions = [], []
-        for les in p["lesions"]:
-            cm, side, kind = les["diameter_cm"], les["side"], les["kind"]
-            zone = pick(_ZONE_WORDS[les["zone"]])
-            margin = "lobulated" if les["lobulated"] else pick(("well-defined", "well-circumscribed",
-                                                                "smoothly marginated"))
-            sentences.append(pick((
-                f"A {cm:.1f} cm rounded opacity in the {side} {zone}.",
-                f"There is a {margin} {cm:.1f} cm {kind} in the {side} {zone}.",
-                f"{_cap(margin)} round opacity measuring {cm:.1f} cm projecting over the {side} {zone}.",
-                f"A {cm:.1f} cm {margin} {kind} is seen in the {side} {zone}.",
-            )))
-            impressions.append(pick((f"{cm:.1f} cm {side} {zone} {kind}",
-                                     f"{side} {zone} {kind}, further evaluation with CT is recommended",
-                                     f"{kind} in the {side} {zone}")))
-        return " ".join(sentences), "; ".join(impressions)
-    if name == "Edema":
-        sev = p["severity"]
-        if sev == "mild":
-            sentence = pick((
-                "Mild interstitial edema with Kerley B lines at the lung bases.",
-                "Peribronchial cuffing and septal lines at both bases, consistent with interstitial edema.",
-                "Prominent pulmonary vasculature with mild perihilar haziness and Kerley B lines.",
-                "Mild pulmonary vascular congestion with basal septal lines.",
-            ))
-            impression = pick(("mild interstitial edema", "mild pulmonary edema",
-                               "pulmonary vascular congestion with interstitial edema"))
-        else:
-            sentence = pick((
-                f"{_cap(sev)} bilateral perihilar haziness in a bat-wing distribution, consistent with pulmonary edema.",
-                f"Bilateral perihilar hazy opacities with vascular congestion, in keeping with {sev} pulmonary edema.",
-                f"There is {sev} pulmonary edema with bat-wing perihilar opacity and sparing of the periphery.",
-                f"Bilateral symmetric perihilar haziness and peribronchial cuffing, consistent with {sev} alveolar edema.",
-            ))
-            impression = pick((f"{sev} pulmonary edema", "pulmonary edema",
-                               f"{sev} pulmonary edema, likely cardiogenic"))
-        return sentence, impression
-    if name == "Atelectasis":
-        side, kind = p["side"], p["kind"]
-        if kind == "plate":
-            base = pick((f"{side} base", f"{side} lower zone", f"{side} lung base"))
-            elevated = ""
-            if p["diaphragm_elevation"] > 0.03:
-                elevated = " with slight elevation of the ipsilateral hemidiaphragm"
-            sentence = pick((
-                f"Plate-like atelectasis at the {base}{elevated}.",
-                f"A linear opacity at the {base}, consistent with discoid atelectasis.",
-                f"Band-like opacity in the {base} in keeping with subsegmental atelectasis{elevated}.",
-                f"Linear opacities at the {base}, likely atelectasis.",
-            ))
-            impression = pick((f"{side} basal atelectasis", f"plate-like atelectasis at the {side} base",
-                               f"subsegmental atelectasis, {side} base"))
-            return sentence, impression
-        lobe = f"{side} {kind}"
+        impression = pick(("mild interstitial edema", "mild pulmonary edema",
+                           "pulmonary vascular congestion with interstitial edema"))
+    else:
         sentence = pick((
-            f"Triangular opacity in the {lobe} with elevation of the {side} hemidiaphragm and mediastinal "
-            f"shift to the {side}, consistent with {lobe} collapse.",
-            f"{_cap(lobe)} collapse with volume loss: elevated {side} hemidiaphragm and shift of the "
-            f"mediastinum to the {side}.",
-            f"Dense wedge-shaped opacity at the {side} {'base' if kind == 'lower lobe' else 'apex'} with volume loss, "
-            f"compatible with {lobe} atelectasis.",
+            f"{_cap(sev)} bilateral perihilar haziness in a bat-wing distribution, consistent with pulmonary edema.",
+            f"Bilateral perihilar hazy opacities with vascular congestion, in keeping with {sev} pulmonary edema.",
+            f"There is {sev} pulmonary edema with bat-wing perihilar opacity and sparing of the periphery.",
+            f"Bilateral symmetric perihilar haziness and peribronchial cuffing, consistent with {sev} alveolar edema.",
         ))
-        impression = pick((f"{lobe} collapse", f"{lobe} atelectasis", f"{lobe} atelectasis with volume loss"))
+        impression = pick((f"{sev} pulmonary edema", "pulmonary edema",
+                           f"{sev} pulmonary edema, likely cardiogenic"))
+    return sentence, impression
+
+
+def _describe_atelectasis(pick, p, attrs):
+    """Plate-like atelectasis at a base, or lobar collapse with volume loss."""
+    side, kind = p["side"], p["kind"]
+    if kind == "plate":
+        base = pick((f"{side} base", f"{side} lower zone", f"{side} lung base"))
+        elevated = ""
+        if p["diaphragm_elevation"] > 0.03:
+            elevated = " with slight elevation of the ipsilateral hemidiaphragm"
+        sentence = pick((
+            f"Plate-like atelectasis at the {base}{elevated}.",
+            f"A linear opacity at the {base}, consistent with discoid atelectasis.",
+            f"Band-like opacity in the {base} in keeping with subsegmental atelectasis{elevated}.",
+            f"Linear opacities at the {base}, likely atelectasis.",
+        ))
+        impression = pick((f"{side} basal atelectasis", f"plate-like atelectasis at the {side} base",
+                           f"subsegmental atelectasis, {side} base"))
         return sentence, impression
-    raise KeyError(name)
+    lobe = f"{side} {kind}"
+    sentence = pick((
+        f"Triangular opacity in the {lobe} with elevation of the {side} hemidiaphragm and mediastinal "
+        f"shift to the {side}, consistent with {lobe} collapse.",
+        f"{_cap(lobe)} collapse with volume loss: elevated {side} hemidiaphragm and shift of the "
+        f"mediastinum to the {side}.",
+        f"Dense wedge-shaped opacity at the {side} {'base' if kind == 'lower lobe' else 'apex'} with volume loss, "
+        f"compatible with {lobe} atelectasis.",
+    ))
+    impression = pick((f"{lobe} collapse", f"{lobe} atelectasis", f"{lobe} atelectasis with volume loss"))
+    return sentence, impression
+
+
+_DESCRIBERS = {
+    "Cardiomegaly": _describe_cardiomegaly,
+    "Pleural Effusion": _describe_pleural_effusion,
+    "Pneumothorax": _describe_pneumothorax,
+    "Pneumonia": _describe_pneumonia,
+    "Nodule": _describe_nodule,
+    "Edema": _describe_edema,
+    "Atelectasis": _describe_atelectasis,
+}
 
 
 _NORMAL_IMPRESSIONS = (
@@ -1129,12 +1163,20 @@ def _write_chunk(out_dir, split, start, stop, size, seed, prevalence, normal_fra
         case = generate_phantom(_case_rng(seed, split, index), size,
                                 prevalence=prevalence, normal_fraction=normal_fraction)
         rel = f"images/{split}/{index:06d}.png"
-        buffer = io.BytesIO()  # one write() per file: much cheaper than PIL's chunked file writes
-        Image.fromarray(case.image).save(buffer, format="PNG", compress_level=1)
-        with open(os.path.join(out_dir, rel), "wb") as fh:
-            fh.write(buffer.getbuffer())
-        records.append({"image": rel, "report": case.report, **case.labels})
+        _write_png(os.path.join(out_dir, rel), case.image)
+        regions = {}
+        for name, mask in case.regions.items():
+            regions[name] = f"images/{split}/{index:06d}_region_{name.lower().replace(' ', '_')}.png"
+            _write_png(os.path.join(out_dir, regions[name]), mask.astype(np.uint8) * 255)
+        records.append({"image": rel, "report": case.report, **case.labels, "regions": regions})
     return records
+
+
+def _write_png(path, pixels):
+    buffer = io.BytesIO()  # one write() per file: much cheaper than PIL's chunked file writes
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    with open(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def write_phantom_dataset(out_dir, n_train=3000, n_validation=300, n_test=600, size=192, seed=0,
@@ -1142,8 +1184,9 @@ def write_phantom_dataset(out_dir, n_train=3000, n_validation=300, n_test=600, s
     """Write a synthetic phantom dataset.
 
     Layout: ``out_dir/images/{split}/NNNNNN.png``, ``out_dir/{split}.jsonl`` (one record per image:
-    ``image`` path relative to ``out_dir``, ``report``, and 0/1 for every ``PHANTOM_LABELS`` name)
-    and ``out_dir/label_names.json``. Every image is a pure function of (seed, split, index), so the
+    ``image`` path relative to ``out_dir``, ``report``, 0/1 for every ``PHANTOM_LABELS`` name, and
+    ``regions``: present finding -> path of its region mask, ``NNNNNN_region_<finding>.png`` beside
+    the image, 255 where the finding was drawn) and ``out_dir/label_names.json``. Every image is a pure function of (seed, split, index), so the
     test split is the same whatever ``n_train`` or ``num_workers`` are.
 
     Returns a summary dict: paths, counts and per-split label prevalence.

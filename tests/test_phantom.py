@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from radz.phantom import (
     FINDING_PHRASES,
@@ -226,12 +227,21 @@ def test_write_phantom_dataset(tmp_path):
     for split, n in (("train", 10), ("validation", 3), ("test", 6)):
         rows = _read_jsonl(out / f"{split}.jsonl")
         assert len(rows) == n == summary["splits"][split]["n"]
-        assert len(list((out / "images" / split).glob("*.png"))) == n
+        masks = sum(len(row["regions"]) for row in rows)
+        assert len(list((out / "images" / split).glob("*.png"))) == n + masks
         for i, row in enumerate(rows):
-            assert set(row) == {"image", "report", *PHANTOM_LABELS}
+            assert set(row) == {"image", "report", "regions", *PHANTOM_LABELS}
             assert row["image"] == f"images/{split}/{i:06d}.png" and (out / row["image"]).is_file()
             assert row["No Finding"] == int(not any(row[n] for n in FINDINGS))
             assert all(row[n] in (0, 1) for n in PHANTOM_LABELS) and row["report"]
+            # One region mask per present finding, beside the image, equal to the case's own mask.
+            assert set(row["regions"]) == {n for n in FINDINGS if row[n]}
+            case = generate_phantom(np.random.default_rng([5, ("train", "validation", "test").index(split), i]), 128)
+            for name, path in row["regions"].items():
+                mask = np.asarray(Image.open(out / path))
+                assert path.startswith(f"images/{split}/{i:06d}_region_") and mask.shape == (128, 128)
+                assert set(np.unique(mask)) <= {0, 255}
+                assert np.array_equal(mask == 255, case.regions[name])
 
     # The test split does not depend on the size of the other splits, nor on the worker count.
     other = tmp_path / "b"
@@ -304,3 +314,48 @@ def _digest(case):
 def test_pinned_cases(seed, size, findings, expected):
     rng = np.random.default_rng(seed)
     assert tuple(_digest(generate_phantom(rng, size, findings)) for _ in expected) == expected
+
+
+def _inside(mask, point):
+    column, row = (int(round(c)) for c in point)
+    return bool(mask[row, column])
+
+
+def test_regions_cover_what_was_drawn():
+    """Each finding's mask holds the point its attributes say it was drawn at, covers a plausible area, and the
+    pixels there differ from the same case drawn without the finding."""
+    rng = np.random.default_rng(21)
+    hits, total, empty = 0, 0, 0
+    for _ in range(30):
+        case = generate_phantom(rng, SIZE, ALL_FINDINGS)
+        assert set(case.regions) == set(FINDINGS)
+        findings = case.attributes["findings"]
+        points = [findings["Pneumothorax"]["gap_point_px"], findings["Atelectasis"]["center_px"]]
+        points += [lesion["center_px"] for lesion in findings["Nodule"]["lesions"]]
+        points += [focus["center_px"] for focus in findings["Pneumonia"]["foci"]]
+        regions = [case.regions[n] for n in ("Pneumothorax", "Atelectasis")]
+        regions += [case.regions["Nodule"]] * len(findings["Nodule"]["lesions"])
+        regions += [case.regions["Pneumonia"]] * len(findings["Pneumonia"]["foci"])
+        hits += sum(_inside(mask, point) for mask, point in zip(regions, points))
+        total += len(points)
+        for name, mask in case.regions.items():
+            assert mask.dtype == bool and mask.mean() < 0.4, (name, mask.mean())
+            empty += not mask.any()  # a thin plate of atelectasis can lie wholly behind a large heart
+        # The nodule's disc has the area of its reported diameter.
+        radius = sum(les["radius_px"] ** 2 for les in findings["Nodule"]["lesions"])
+        assert case.regions["Nodule"].sum() == pytest.approx(np.pi * radius, rel=0.35)
+        # The heart region spans the heart borders the report's cardiothoracic ratio is measured from.
+        heart = case.regions["Cardiomegaly"]
+        columns = np.flatnonzero(heart.any(axis=0))
+        borders = case.attributes["heart_px"]
+        assert columns[0] == pytest.approx(borders["right_border"], abs=3)
+        assert columns[-1] == pytest.approx(borders["left_border"], abs=3)
+    assert hits / total > 0.9 and empty <= 3
+    # Effusion: fluid at the bases, below the mid-line of the image.
+    rows = np.flatnonzero(case.regions["Pleural Effusion"].any(axis=1))
+    assert rows.min() > SIZE * 0.45
+
+
+def test_normal_case_has_no_regions():
+    case = generate_phantom(np.random.default_rng(0), SIZE, {})
+    assert case.regions == {}
