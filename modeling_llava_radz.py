@@ -27,9 +27,11 @@ try:
 except ImportError:
     from configuration_llava_radz import LlavaRadZConfig
 
-# `save_pretrained` copies the pipeline file (and the zero-shot classifier it imports) into the checkpoint and
-# declares it in `config.custom_pipelines`.
-PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py")
+# `save_pretrained` copies the pipeline file (and the zero-shot classifier, explanations and calibration it imports)
+# into the checkpoint and declares it in `config.custom_pipelines`.
+PIPELINE_FILES = (
+    "pipeline_llava_radz.py", "zero_shot_llava_radz.py", "explain_llava_radz.py", "calibration_llava_radz.py"
+)
 PIPELINE_INFO = {"impl": "pipeline_llava_radz.LlavaRadZZeroShotImageClassificationPipeline", "pt": ["AutoModel"]}
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,8 +275,9 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             )
         return torch.tensor(ids, device=self.llava.device)
 
-    def _read_states(self, modality, input_ids, attention_mask, pixel_values=None):
-        """One LLM pass; the pooled special-token states and the mean content-token state at `feature_layer`."""
+    def _read_states(self, modality, input_ids, attention_mask, pixel_values=None, return_hidden_states=False):
+        """One LLM pass; the pooled special-token states and the mean content-token state at `feature_layer` (and
+        the hidden states of every layer, with `return_hidden_states`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cls_mask = torch.isin(input_ids, self._cls_ids(modality)) & attention_mask.bool()
@@ -308,7 +311,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             content = attention_mask.bool() & ~cls_mask
         weights = content.unsqueeze(-1).to(states.dtype)
         local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return pooled, local
+        return (pooled, local, outputs.hidden_states) if return_hidden_states else (pooled, local)
 
     def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
         pooled, local = self._read_states(modality, input_ids, attention_mask, pixel_values)
@@ -351,6 +354,20 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             raise ValueError("get_image_features needs pixel_values and image_input_ids (from processor(images=...))")
         pixel_values = pixel_values.to(self.llava.device, self.llava.dtype)
         return self._encode("image", image_input_ids, image_attention_mask, pixel_values)
+
+    def get_image_hidden_states(self, pixel_values, image_input_ids, image_attention_mask=None, **unused):
+        """The image pass of `get_image_features`, for explanations: `(features, hidden_states)`, the hidden states
+        `[batch, sequence, hidden]` of every layer (0: the input embeddings, image tokens from the projector)."""
+        pixel_values = pixel_values.to(self.llava.device, self.llava.dtype)
+        pooled, local, hidden_states = self._read_states(
+            "image", image_input_ids, image_attention_mask, pixel_values, return_hidden_states=True
+        )
+        features = LlavaRadZFeatures(
+            embeds=F.normalize(self.image_global_head(pooled), dim=-1),
+            local_embeds=F.normalize(self.image_local_head(local), dim=-1),
+            pooled_cls_states=pooled,
+        )
+        return features, hidden_states
 
     def get_text_features(self, input_ids, attention_mask=None, **unused):
         """Text pass: `text prompt + text + <TxtCls_*>`, without an image → `LlavaRadZFeatures`."""

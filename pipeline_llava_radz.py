@@ -22,10 +22,14 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging
 
 try:
+    from .calibration_llava_radz import calibrated_probabilities, resolve_calibration
+    from .explain_llava_radz import add_heatmaps, heatmap_method
     from .processing_llava_radz import RadiographError, load_radiograph, normalize_label
     from .radiograph_llava_radz import is_study, study_files
     from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 except ImportError:
+    from calibration_llava_radz import calibrated_probabilities, resolve_calibration
+    from explain_llava_radz import add_heatmaps, heatmap_method
     from processing_llava_radz import RadiographError, load_radiograph, normalize_label
     from radiograph_llava_radz import is_study, study_files
     from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
@@ -43,6 +47,8 @@ OPTIONS = (
     "negative_template",
     "batch_size",
     "window_index",
+    "return_heatmap",
+    "calibrated",
 )
 DEFAULT_OPTIONS = {
     "candidate_labels": None,
@@ -53,6 +59,8 @@ DEFAULT_OPTIONS = {
     "negative_template": "no {}",
     "batch_size": 8,
     "window_index": 0,
+    "return_heatmap": False,
+    "calibrated": False,
 }
 KNOWLEDGE_MODES = (True, False, "generate")
 # use_knowledge="generate": the prompt asking the model's LLM to describe a label it has no knowledge of.
@@ -133,6 +141,11 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         negative_template (`str`, defaults to `"no {}"`): the negation used by `multi_label`, inside every template.
         batch_size (`int`, defaults to 8): images (and prompts) per forward pass.
         window_index (`int`, defaults to 0): which of a DICOM's VOI LUTs or windows renders it.
+        return_heatmap (`bool` or `str`, defaults to False): also give each result its label's `"heatmap"`, `[H, W]`
+            in [0, 1] over the model's input (the resized, centre-cropped image); True for the default method, or a
+            name of `explain_llava_radz.HEATMAP_METHODS`. `radz.explain.overlay` draws it on the image.
+        calibrated (`bool`, defaults to False): multi-label scores Platt-scaled per label by `config.calibration`
+            (`evaluate_radz.py --calibrate`), for the settings it was fitted with (`calibration_llava_radz.py`).
 
     Each result dict also says `"anchor"`: whether the label was scored against a knowledge anchor. Label
     embeddings are cached per (labels, templates, knowledge, multi_label): clear `label_cache` after changing
@@ -199,6 +212,8 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
                 kind = "a positive" if smallest else "a non-negative"
                 raise ValueError(f"{option} must be {kind} integer, got {value!r}")
+        options["return_heatmap"] = heatmap_method(options["return_heatmap"])
+        options["calibrated"] = resolve_calibration(self.model.config, options)
         return options
 
     @staticmethod
@@ -267,7 +282,10 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                 batch_size=batch_size,
             )
             for batch in batches:
-                scored += self.postprocess(self._forward(batch, classifier), classifier)
+                scored += self.postprocess(self._forward(batch, classifier, options["calibrated"]), classifier)
+                if options["return_heatmap"]:
+                    method = options["return_heatmap"]
+                    add_heatmaps(scored[-len(batch["dicom"]) :], self.model, classifier, batch, method)
         views = [facts.get("view") for batch in batches for facts in batch["dicom"]]
         results, position = [], 0
         for index in range(len(inputs)):
@@ -349,10 +367,13 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, -1, 1, 1)
         return (pixels.to(torch.float64) * processor.rescale_factor).to(torch.float32).sub_(mean).div_(std)
 
-    def _forward(self, model_inputs, classifier: ZeroShotClassifier) -> torch.Tensor:
-        """Scores `[batch, K]` of one image batch: `classifier.probabilities` (softmax or per-label)."""
+    def _forward(self, model_inputs, classifier: ZeroShotClassifier, calibrated=None) -> torch.Tensor:
+        """Scores `[batch, K]` of one image batch: `classifier.probabilities` (softmax or per-label), or the
+        per-label Platt-scaled ones of `config.calibration` (`calibrated`, checked by `_options`)."""
         keys = ("pixel_values", "image_input_ids", "image_attention_mask")
         features = self.model.get_image_features(**{key: model_inputs[key].to(self.device) for key in keys})
+        if calibrated:
+            return calibrated_probabilities(classifier, features, calibrated)
         return classifier.probabilities(features)
 
     def postprocess(self, model_outputs, classifier: ZeroShotClassifier) -> list[list[dict]]:
