@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     thresholds.add_argument("--threshold_protocol", choices=PROTOCOLS, default="validation")
     thresholds.add_argument("--validation_split", help="default: the reader's own (valid, val, validation...)")
     thresholds.add_argument("--bootstrap", type=int, default=0, help="resamples for 95%% AUC confidence intervals")
+    thresholds.add_argument("--calibrate", action="store_true",
+                            help="radz --multi_label: fit per-label Platt scaling on the validation split, save it "
+                                 "in the checkpoint (config.calibration, for pipeline(..., calibrated=True)) and "
+                                 "report ECE, Brier score and a reliability diagram before and after")
 
     training = parser.add_argument_group("trained baselines (vision_probe, sft)")
     training.add_argument("--train_split", default="train")

@@ -34,6 +34,7 @@ from radz.baselines.base import default_device, model_fingerprint, settings_key
 from radz.baselines.vqa import answer_metrics
 from radz.datasets import dataset_metadata, load_dataset_by_name
 
+from .calibration import calibrate_checkpoint
 from .metrics import _SUMMARY_AUC_KEY as SUMMARY_AUC
 from .metrics import ORACLE_CAPTION, PROTOCOLS, compute_metrics, thresholds_for_protocol
 from .methods import TRAINED_METHODS, EvaluationError, build_scorer
@@ -92,6 +93,7 @@ class EvaluationConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     reader_kwargs: dict = field(default_factory=dict)
+    calibrate: bool = False  # fit per-label Platt scaling on the validation split into the checkpoint
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)
@@ -349,6 +351,10 @@ def run_evaluation(config: EvaluationConfig) -> dict:
     train = load_split(config, config.train_split) if config.method in TRAINED_METHODS else None
     if train is not None and train.label_names != test.label_names:
         raise EvaluationError(f"train labels {train.label_names} differ from test labels {test.label_names}")
+    if config.calibrate and (config.method != "radz" or not config.multi_label or validation is None
+                             or len(config.templates or []) > 1):
+        raise EvaluationError("--calibrate fits per-label scores of --method radz --multi_label on the validation "
+                              "split (--threshold_protocol validation), for one template")
     scorer = build_scorer(config, train)
     _check_config(config, scorer)
 
@@ -399,6 +405,11 @@ def _evaluate_template(config, scorer, test, validation, out_dir, base, started)
         record["generated_answers"] = answer_metrics(outputs["answer"], test.label_matrix, test.label_names)
     record["compute"] = compute_record(stats, started)
     text = write_run_outputs(out_dir, record, metrics, test, outputs)
+    if config.calibrate:
+        _, markdown = calibrate_checkpoint(config.model, scorer.template, config.use_knowledge, val_scores,
+                                           validation, outputs["score"], test, out_dir)
+        text += "\n" + markdown
+        (out_dir / "report.md").write_text(text)
     return json.loads((out_dir / "metrics.json").read_text()) | {"report_text": text}
 
 
