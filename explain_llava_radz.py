@@ -28,11 +28,19 @@ DEFAULT_METHOD = "similarity"
 
 def label_heatmaps(model, classifier, model_inputs, method: str = DEFAULT_METHOD) -> torch.Tensor:
     """Heatmaps `[n_images, K, H, W]` in [0, 1] (float32, on the CPU) of n images against the K labels of
-    `classifier` (a `ZeroShotClassifier`), over the model's input pixels `[H, W]`.
+    `classifier` (a `ZeroShotClassifier`), over the model's input pixels `[H, W]`: `token_maps` upsampled.
 
     `model_inputs`: the image keys of `processor(images=...)` (`pixel_values`, `image_input_ids`,
-    `image_attention_mask`). Runs outside inference mode (the gradient method needs autograd); no weight changes.
+    `image_attention_mask`).
     """
+    maps = token_maps(model, classifier, model_inputs, method)
+    return _to_pixels(maps, tuple(model_inputs["pixel_values"].shape[-2:]))
+
+
+def token_maps(model, classifier, model_inputs, method: str = DEFAULT_METHOD) -> torch.Tensor:
+    """Per image, label and image token, the evidence of `method`: `[n_images, K, num_image_tokens]` (float32, in
+    the tower's row-major order). Runs outside inference mode (the gradient method needs autograd); changes no
+    weight."""
     if method not in HEATMAP_METHODS:
         raise ValueError(f"heatmap method {method!r}; expected one of {HEATMAP_METHODS}")
     inputs = {key: model_inputs[key].to(model.device) for key in ("pixel_values", "image_input_ids")}
@@ -45,7 +53,6 @@ def label_heatmaps(model, classifier, model_inputs, method: str = DEFAULT_METHOD
         features, hidden_states = model.get_image_hidden_states(
             pixel_values, inputs["image_input_ids"], inputs["image_attention_mask"]
         )
-        # The image tokens, in the tower's row-major order.
         is_image = inputs["image_input_ids"] == model.config.image_token_id
         n = len(is_image)
         if method == "similarity":
@@ -56,8 +63,7 @@ def label_heatmaps(model, classifier, model_inputs, method: str = DEFAULT_METHOD
                 maps = maps - local @ targets["negative_local"].t()
         else:
             maps = _gradient_maps(features, hidden_states[0], is_image, targets, classifier.multi_label)
-    maps = maps.detach().float().transpose(1, 2)  # [n, K, tokens]
-    return _to_pixels(maps, tuple(inputs["pixel_values"].shape[-2:]))
+    return maps.detach().float().transpose(1, 2).cpu()
 
 
 def heatmap_method(return_heatmap):
@@ -128,4 +134,4 @@ def _to_pixels(maps: torch.Tensor, size: tuple) -> torch.Tensor:
     return ((pixels - low) / (high - low).clamp(min=1e-12)).cpu()
 
 
-__all__ = ["DEFAULT_METHOD", "HEATMAP_METHODS", "add_heatmaps", "heatmap_method", "label_heatmaps"]
+__all__ = ["DEFAULT_METHOD", "HEATMAP_METHODS", "add_heatmaps", "heatmap_method", "label_heatmaps", "token_maps"]

@@ -55,11 +55,14 @@ def overlay(image, heatmap, path: str | os.PathLike | None = None, alpha: float 
 
 
 def heatmap_peak(heatmap: np.ndarray, shape: tuple[int, int]) -> tuple[int, int]:
-    """`(row, column)` in an image of `shape` (square, as the phantoms) of the heatmap's maximum (the first one)."""
-    heatmap = np.asarray(heatmap)
-    row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    """`(row, column)` in an image of `shape` of the heatmap's maximum; where the maximum is a plateau (an upsampled
+    border token), its centroid, so that ties do not all fall on the first pixel."""
+    heatmap = np.asarray(heatmap, dtype=np.float64)
+    rows, columns = np.nonzero(heatmap >= heatmap.max() - 1e-6)
+    row, column = rows.mean(), columns.mean()
     scale_rows, scale_columns = shape[0] / heatmap.shape[0], shape[1] / heatmap.shape[1]
-    return min(int((row + 0.5) * scale_rows), shape[0] - 1), min(int((column + 0.5) * scale_columns), shape[1] - 1)
+    return (min(int((row + 0.5) * scale_rows), shape[0] - 1),
+            min(int((column + 0.5) * scale_columns), shape[1] - 1))
 
 
 def pointing_game(heatmaps, masks) -> dict:
