@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from pipeline_llava_radz import chest_view_problems  # noqa: E402
+from processing_llava_radz import normalize_label  # noqa: E402
 from radiograph_llava_radz import load_radiograph  # noqa: E402
 from radz.explain import overlay  # noqa: E402
 
@@ -98,7 +99,11 @@ class RadZApp:
         options = dict(candidate_labels=labels, multi_label=True, return_heatmap=True)
         try:
             results = self.pipe(inputs, calibrated=True, **options)
+            fitted = {normalize_label(name) for name in self.pipe.model.config.calibration["labels"]}
+            missing = [label for label in labels if normalize_label(label) not in fitted]
             note = "Scores: Platt-calibrated probabilities (config.calibration)."
+            if missing:
+                note += f" Not calibrated (no fit for them): {', '.join(missing)}."
         except ValueError as error:  # the checkpoint's CalibrationError: no calibration for these settings
             if type(error).__name__ != "CalibrationError":
                 raise

@@ -71,6 +71,7 @@ def test_classify_images_studies_and_warnings(checkpoint, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 50), dtype=np.uint8)).save(png)
     table, gallery, notes = app.classify([str(png)], "\n".join(LABELS))
     assert table.count("<tr data-file") == 3 and len(gallery) == 3 and "Platt-calibrated" in notes
+    assert "Not calibrated (no fit for them): Pleural Effusion." in notes
     expected = pipeline_scores(app.pipe, str(png))
     for label, score in expected.items():
         assert f'data-label="{label}" data-score="{score!r}"' in table

@@ -1,5 +1,7 @@
 """Explanation heatmaps (explain_llava_radz.py, through the pipeline), overlays and the pointing game (radz/explain.py)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,12 @@ def clf(tiny_model):
 
 def image(seed, shape=(48, 40)):
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_checkpoint_carries_the_explanation_and_calibration_code(tiny_checkpoint):
+    for name in ("explain_llava_radz.py", "calibration_llava_radz.py"):
+        source = (tiny_checkpoint / name).read_text()
+        assert not re.search(r"^\s*(from|import)\s+\.?radz\b", source, re.MULTILINE), name  # remote code
 
 
 def test_return_heatmap_adds_one_map_per_label(clf):
