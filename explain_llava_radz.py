@@ -10,8 +10,8 @@ Two methods, both over the image tokens (the tower's grid of cells or patches, a
 
 With a multi-label classifier a label's map is its evidence against its negation ("no {label}"). Each map is upsampled
 to the model's input size (the resized, centre-cropped image) and scaled to [0, 1]: 1 where the evidence for the
-label is strongest, 0 where it is weakest. `benchmarks/bench_pointing_game.py` measures which localises the phantoms' findings better;
-that one is `DEFAULT_METHOD`.
+label is strongest, 0 where it is weakest. `DEFAULT_METHOD` is the one that localised the phantoms' findings better
+in `benchmarks/bench_pointing_game.py` (docs/explain.md): the gradient, by a small margin.
 
 This file is remote code: `LlavaRadZForZeroShotClassification.save_pretrained` copies it into every checkpoint,
 beside the pipeline that imports it. It depends only on torch (docs/design.md, "Remote code").
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 HEATMAP_METHODS = ("similarity", "gradient")
-DEFAULT_METHOD = "similarity"
+DEFAULT_METHOD = "gradient"
 
 
 def label_heatmaps(model, classifier, model_inputs, method: str = DEFAULT_METHOD) -> torch.Tensor:

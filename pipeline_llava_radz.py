@@ -143,7 +143,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         window_index (`int`, defaults to 0): which of a DICOM's VOI LUTs or windows renders it.
         return_heatmap (`bool` or `str`, defaults to False): also give each result its label's `"heatmap"`, `[H, W]`
             in [0, 1] over the model's input (the resized, centre-cropped image); True for the default method, or a
-            name of `explain_llava_radz.HEATMAP_METHODS`. `radz.explain.overlay` draws it on the image.
+            name of `explain_llava_radz.HEATMAP_METHODS` (`overlay` in the package's radz/explain.py draws it).
         calibrated (`bool`, defaults to False): multi-label scores Platt-scaled per label by `config.calibration`
             (`evaluate_radz.py --calibrate`), for the settings it was fitted with (`calibration_llava_radz.py`).
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+from scipy.ndimage import distance_transform_edt
 
 from radiograph_llava_radz import load_radiograph
 
@@ -65,17 +66,20 @@ def heatmap_peak(heatmap: np.ndarray, shape: tuple[int, int]) -> tuple[int, int]
             min(int((column + 0.5) * scale_columns), shape[1] - 1))
 
 
-def pointing_game(heatmaps, masks) -> dict:
+def pointing_game(heatmaps, masks, tolerance: float = 0.0) -> dict:
     """Hit rates of `heatmaps` (one per finding instance) against their region `masks` (bool, image-sized): how
-    often the heatmap's maximum falls inside the region; with the two reference points, a uniformly random pixel
-    (its expected hit rate: the mean region area fraction) and the image centre. Empty masks are skipped and
-    counted. Returns `{"n", "hit_rate", "random", "centre", "empty"}`."""
+    often the heatmap's maximum falls inside the region, or within `tolerance` pixels of it (Zhang et al. allow 15
+    px at 224 px); with the two reference points, a uniformly random pixel (its expected hit rate: the area of the
+    region so widened) and the image centre. Empty masks are skipped and counted. Returns `{"n", "hit_rate",
+    "random", "centre", "empty"}`."""
     hits, areas, centre, empty = [], [], [], 0
     for heatmap, mask in zip(heatmaps, masks, strict=True):
         mask = np.asarray(mask, dtype=bool)
         if not mask.any():
             empty += 1
             continue
+        if tolerance > 0:
+            mask = distance_transform_edt(~mask) <= tolerance
         hits.append(bool(mask[heatmap_peak(heatmap, mask.shape)]))
         areas.append(float(mask.mean()))
         centre.append(bool(mask[mask.shape[0] // 2, mask.shape[1] // 2]))

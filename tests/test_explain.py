@@ -150,5 +150,9 @@ def test_pointing_game_by_hand():
     result = pointing_game([hit, miss, plateau, hit], [mask, mask, mask, np.zeros((10, 10), bool)])
     assert result == {"n": 3, "hit_rate": pytest.approx(1 / 3), "random": pytest.approx(0.16), "centre": 0.0,
                       "empty": 1}
+    # With a tolerance, the region widens: (5, 5) is 2.83 px from the region's corner pixel (3, 3).
+    assert pointing_game([plateau], [mask], tolerance=2)["hit_rate"] == 0
+    widened = pointing_game([plateau], [mask], tolerance=3)
+    assert widened["hit_rate"] == 1 and widened["random"] > 0.16
     with pytest.raises(ValueError):
         pointing_game([hit], [mask, mask])
