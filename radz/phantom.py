@@ -510,52 +510,52 @@ class _Scene:
 _REGION_LEVEL = np.float32(0.5)
 
 
-def _render(rng, size, an, det, attrs):
+def _render(rng, size, anatomy, details, attrs):
     """Draw one image: anatomy, then the findings, ribs and clavicles over them, then exposure and noise.
     Returns the uint8 image and ``{finding: bool mask}`` of where each present finding was drawn."""
     f32 = np.float32
-    cv = _Canvas(rng, size)
-    A = _soft_tissue_and_spine(cv, an)
-    lungs, heart = _lungs_and_heart(cv, an)
+    canvas = _Canvas(rng, size)
+    attenuation = _soft_tissue_and_spine(canvas, anatomy)
+    lungs, heart = _lungs_and_heart(canvas, anatomy)
     lung_any = (lungs["right"][0] + lungs["left"][0]) * (1 - heart)
     # Overlying breast / soft tissue makes the bases a little denser than the upper zones.
-    A -= lung_any * (f32(0.5) - f32(0.08) * _unit(cv.y * f32(2.0)))
-    A += heart * f32(0.04)
-    _draw_trachea_and_gastric_bubble(cv, A, an)
-    markings, ridge, dx, dy = _vessel_markings(rng, cv, an, lung_any, engorged="Edema" in det)
-    scene = _Scene(cv, an, A, lungs, heart, lung_any, dx, dy, ridge,
+    attenuation -= lung_any * (f32(0.5) - f32(0.08) * _unit(canvas.y * f32(2.0)))
+    attenuation += heart * f32(0.04)
+    _draw_trachea_and_gastric_bubble(canvas, attenuation, anatomy)
+    markings, ridge, dx, dy = _vessel_markings(rng, canvas, anatomy, lung_any, engorged="Edema" in details)
+    scene = _Scene(canvas, anatomy, attenuation, lungs, heart, lung_any, dx, dy, ridge,
                    patchiness=_smooth_noise(rng, size, 10), mottle=_smooth_noise(rng, size, 26))
 
     regions = {}
-    if "Cardiomegaly" in det:
+    if "Cardiomegaly" in details:
         regions["Cardiomegaly"] = heart > _REGION_LEVEL
-    if "Pneumothorax" in det:  # drawn before the markings are added: the pleural gap has none
-        regions["Pneumothorax"] = _draw_pneumothorax(scene, det["Pneumothorax"], markings)
-    A += markings
-    if "Pleural Effusion" in det:
-        regions["Pleural Effusion"] = _draw_effusion(scene, det["Pleural Effusion"])
-    if "Pneumonia" in det:
-        regions["Pneumonia"] = _draw_pneumonia(rng, scene, det["Pneumonia"])
-    if "Nodule" in det:
+    if "Pneumothorax" in details:  # drawn before the markings are added: the pleural gap has none
+        regions["Pneumothorax"] = _draw_pneumothorax(scene, details["Pneumothorax"], markings)
+    attenuation += markings
+    if "Pleural Effusion" in details:
+        regions["Pleural Effusion"] = _draw_effusion(scene, details["Pleural Effusion"])
+    if "Pneumonia" in details:
+        regions["Pneumonia"] = _draw_pneumonia(rng, scene, details["Pneumonia"])
+    if "Nodule" in details:
         regions["Nodule"] = np.zeros((size, size), bool)
-        for lesion in det["Nodule"]["lesions"]:
+        for lesion in details["Nodule"]["lesions"]:
             _draw_nodule(rng, scene, lesion, regions["Nodule"])
-    if "Edema" in det:
-        regions["Edema"] = _draw_edema(rng, scene, det["Edema"]["severity"])
-    if "Atelectasis" in det:
-        regions["Atelectasis"] = _draw_atelectasis(rng, scene, det["Atelectasis"])
+    if "Edema" in details:
+        regions["Edema"] = _draw_edema(rng, scene, details["Edema"]["severity"])
+    if "Atelectasis" in details:
+        regions["Atelectasis"] = _draw_atelectasis(rng, scene, details["Atelectasis"])
 
-    _draw_ribs(rng, cv, A, an)
-    _draw_clavicles(cv, A, an)
-    image = _expose(rng, A, scene.patchiness)
-    attrs["heart_width_ratio"] = float(an.heart_width_ratio())
-    attrs["geometry"] = {"angle_deg": math.degrees(cv.angle), "scale": cv.scale,
-                         "offset": cv.offset, "px_per_cm": float(CM * cv.px_per_unit())}
+    _draw_ribs(rng, canvas, attenuation, anatomy)
+    _draw_clavicles(canvas, attenuation, anatomy)
+    image = _expose(rng, attenuation, scene.patchiness)
+    attrs["heart_width_ratio"] = float(anatomy.heart_width_ratio())
+    attrs["geometry"] = {"angle_deg": math.degrees(canvas.angle), "scale": canvas.scale,
+                         "offset": canvas.offset, "px_per_cm": float(CM * canvas.px_per_unit())}
     attrs["heart_px"] = {
-        "right_border": float(cv.to_pixel(an.heart_cx - an.heart_right, an.heart_cy)[0]),
-        "left_border": float(cv.to_pixel(an.heart_cx + an.heart_left, an.heart_cy)[0]),
-        "thorax_right": float(cv.to_pixel(-an.half_width, an.heart_cy)[0]),
-        "thorax_left": float(cv.to_pixel(an.half_width, an.heart_cy)[0]),
+        "right_border": float(canvas.to_pixel(anatomy.heart_cx - anatomy.heart_right, anatomy.heart_cy)[0]),
+        "left_border": float(canvas.to_pixel(anatomy.heart_cx + anatomy.heart_left, anatomy.heart_cy)[0]),
+        "thorax_right": float(canvas.to_pixel(-anatomy.half_width, anatomy.heart_cy)[0]),
+        "thorax_left": float(canvas.to_pixel(anatomy.half_width, anatomy.heart_cy)[0]),
     }
     return image, regions
 
@@ -594,16 +594,16 @@ def _lungs_and_heart(cv, an):
     return lungs, heart
 
 
-def _draw_trachea_and_gastric_bubble(cv, A, an):
+def _draw_trachea_and_gastric_bubble(cv, attenuation, an):
     """The trachea, a dark air column down to the carina, and the gastric bubble under the left hemidiaphragm."""
     f32 = np.float32
     x, y = cv.x, cv.y
     trachea_x = an.shift * 0.7
     trachea = cv.edge(f32(0.032) - np.abs(x - f32(trachea_x))) * cv.edge(f32(-0.3) - y)
-    A -= trachea * f32(0.15)
+    attenuation -= trachea * f32(0.15)
     bubble_x, bubble_y = 0.32 + an.shift * 0.5, an.dome["left"] + 0.1
     rho2 = ((x - f32(bubble_x)) * f32(1 / 0.1)) ** 2 + ((y - f32(bubble_y)) * f32(1 / 0.055)) ** 2
-    A -= cv.edge((1 - rho2) * f32(0.03)) * cv.edge(f32(bubble_y) - y + f32(0.01)) * f32(0.2)
+    attenuation -= cv.edge((1 - rho2) * f32(0.03)) * cv.edge(f32(bubble_y) - y + f32(0.01)) * f32(0.2)
 
 
 def _vessel_markings(rng, cv, an, lung_any, engorged):
@@ -635,7 +635,7 @@ def _draw_pneumothorax(scene, p, markings):
     pleural gap is widest at the apex and laterally; the visceral pleural line at its edge. Removes the vessel
     markings in the gap. Returns the gap's mask."""
     f32 = np.float32
-    cv, an, A = scene.canvas, scene.anatomy, scene.attenuation
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     x, y = cv.x, cv.y
     side = p["side"]
     lung, _, half_width = scene.lungs[side]
@@ -648,8 +648,8 @@ def _draw_pneumothorax(scene, p, markings):
     gap = lung * cv.edge(distance)
     line = np.exp(-((distance * cv.sharp * f32(0.9)) ** 2)) * lung
     markings *= 1 - gap
-    A -= gap * f32(0.05)
-    A += line * f32(0.11) + (lung - gap) * f32(0.03)
+    attenuation -= gap * f32(0.05)
+    attenuation += line * f32(0.11) + (lung - gap) * f32(0.03)
     apex_gap = (pivot_y - an.apex) * (1 - fraction)  # apex-to-pleural-line distance
     p["apical_gap_cm"] = round(float(apex_gap / CM), 1)
     p["apical_gap_px"] = float(apex_gap * cv.px_per_unit())
@@ -665,7 +665,7 @@ def _draw_effusion(scene, p):
     """Fluid filling each affected costophrenic angle up to a meniscus that rises towards the chest wall.
     Returns the fluid's mask."""
     f32 = np.float32
-    cv, an, A = scene.canvas, scene.anatomy, scene.attenuation
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     x, y = cv.x, cv.y
     region = np.zeros(x.shape, bool)
     p["fluid_top_px"] = {}
@@ -678,7 +678,7 @@ def _draw_effusion(scene, p):
                  "large": an.dome[side] - 0.42}[p["sizes"][side]]
         meniscus = f32(level) + f32(0.2) * (1 - lateral) ** 2
         fluid = _unit((y - meniscus) * f32(1 / 0.06)) * lung
-        A += fluid * (1 - scene.heart) * f32(0.47)
+        attenuation += fluid * (1 - scene.heart) * f32(0.47)
         region |= fluid > _REGION_LEVEL
         p["fluid_top_px"][side] = float(cv.to_pixel(lung_x, level)[1])
     return region
@@ -699,7 +699,7 @@ def _draw_pneumonia(rng, scene, p):
     """Fluffy consolidation around each focus, with a sharp edge along the minor fissure on the right and
     optional air bronchograms. Returns the union of the foci's masks."""
     f32 = np.float32
-    cv, an, A = scene.canvas, scene.anatomy, scene.attenuation
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     x, y = cv.x, cv.y
     region = np.zeros(x.shape, bool)
     for focus in p["foci"]:
@@ -716,10 +716,10 @@ def _draw_pneumonia(rng, scene, p):
             fissure = cv.edge((f32(hilum_y) - y) if lobe_index == 0 else (y - f32(hilum_y)))
             patch *= fissure
             opacity = opacity * fissure
-        A += patch * f32(focus["density"])
+        attenuation += patch * f32(focus["density"])
         if focus["air_bronchograms"]:
             bronchi = _unit(f32(1) - scene.vessel_ridge * f32(0.7))
-            A -= bronchi * _unit(patch * f32(2) - f32(1)) * f32(0.18)
+            attenuation -= bronchi * _unit(patch * f32(2) - f32(1)) * f32(0.18)
         # The patch's soft edge is its own density ramp: a fifth of the peak already reads as opacity.
         region |= opacity > f32(0.2)
         focus["center_px"] = tuple(float(c) for c in cv.to_pixel(cx, cy))
@@ -730,7 +730,7 @@ def _draw_pneumonia(rng, scene, p):
 def _draw_nodule(rng, scene, lesion, region):
     """A round, well-defined opacity (projected sphere) placed in the chosen lung zone, drawn on a local window
     only; marks its disc in ``region``."""
-    cv, an, A = scene.canvas, scene.anatomy, scene.attenuation
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     side, s = lesion["side"], _SIGN[lesion["side"]]
     lung_x, half_width = an.lung(side)
     dome = an.dome[side]
@@ -756,7 +756,7 @@ def _draw_nodule(rng, scene, lesion, region):
     density = 0.3 if lesion["kind"] == "nodule" else 0.36
     # Still visible (fainter) where it projects over the heart or the mediastinum.
     visible = np.maximum(scene.lung_any[r0:r1, c0:c1], np.float32(0.3))
-    A[r0:r1, c0:c1] += (np.float32(0.45) * rim + np.float32(0.55) * sphere) * np.float32(density) * visible
+    attenuation[r0:r1, c0:c1] += (np.float32(0.45) * rim + np.float32(0.55) * sphere) * np.float32(density) * visible
     region[r0:r1, c0:c1] |= rim > _REGION_LEVEL
     lesion["center_px"] = (float(ccol), float(crow))
     lesion["radius_px"] = float(radius * px_per_unit)
@@ -766,18 +766,18 @@ def _draw_edema(rng, scene, severity):
     """Bat-wing haze, dense around the hila and sparing the periphery, and Kerley B lines: short horizontal lines
     reaching the lateral pleura at the bases. Returns the union of the haze's and the lines' zones."""
     f32 = np.float32
-    cv, A = scene.canvas, scene.attenuation
+    cv, attenuation = scene.canvas, scene.attenuation
     y = cv.y
     haze_amp, kerley_amp = {"mild": (0.1, 0.1), "moderate": (0.2, 0.09), "severe": (0.3, 0.07)}[severity]
     bat_wing = np.exp(-((scene.hilar_dx - f32(0.05)) * f32(1 / 0.32)) ** 2 - (scene.hilar_dy * f32(1 / 0.36)) ** 2)
-    A += bat_wing * (f32(0.75) + f32(0.35) * scene.patchiness) * scene.lung_any * f32(haze_amp)
+    attenuation += bat_wing * (f32(0.75) + f32(0.35) * scene.patchiness) * scene.lung_any * f32(haze_amp)
     region = bat_wing * scene.lung_any > _REGION_LEVEL
     lines = np.cos(y * f32(2 * np.pi / 0.03) + f32(rng.uniform(0, 2 * np.pi)))
     lines = _unit(lines * f32(1.4) - f32(0.4))
     for side in ("right", "left"):
         lung, rho2, _ = scene.lungs[side]
         basal_rim = _unit((rho2 - f32(0.72)) * f32(10)) * _unit(y * f32(4))
-        A += lines * basal_rim * lung * f32(kerley_amp)
+        attenuation += lines * basal_rim * lung * f32(kerley_amp)
         region |= basal_rim * lung > _REGION_LEVEL
     return region
 
@@ -785,7 +785,7 @@ def _draw_edema(rng, scene, severity):
 def _draw_atelectasis(rng, scene, p):
     """Plate-like atelectasis (a thin oblique band in the lower zone) or lobar collapse (a dense triangle from the
     hilum). Returns its mask."""
-    cv, an, A = scene.canvas, scene.anatomy, scene.attenuation
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     side = p["side"]
     lung, _, half_width = scene.lungs[side]
     s = _SIGN[side]
@@ -800,7 +800,7 @@ def _draw_atelectasis(rng, scene, p):
         across = (y - f32(y0)) * f32(math.cos(angle)) - (x - f32(x0)) * f32(math.sin(angle))
         band = _unit(1 - (across * f32(1 / thickness)) ** 2) * cv.edge(f32(half_length) - np.abs(along))
         band = band * lung
-        A += band * (f32(1) - scene.heart) * f32(0.32)
+        attenuation += band * (f32(1) - scene.heart) * f32(0.32)
         p["center_px"] = tuple(float(c) for c in cv.to_pixel(x0, y0))
         return band > _REGION_LEVEL
     # Lobar collapse: a dense triangle with its apex at the hilum and a sharp border along the displaced fissure
@@ -814,15 +814,15 @@ def _draw_atelectasis(rng, scene, p):
     if p["kind"] == "lower lobe":
         tan_a = f32(math.tan(math.radians(rng.uniform(18, 30))))
         wedge = cv.edge((dy * tan_a - dx) * f32(0.9)) * (dy > 0) * same_side * lung
-        A += wedge * (f32(1) - f32(0.5) * scene.heart) * f32(0.3)
+        attenuation += wedge * (f32(1) - f32(0.5) * scene.heart) * f32(0.3)
     else:
         tan_b = f32(math.tan(math.radians(rng.uniform(12, 25))))
         wedge = cv.edge((-dy * tan_b - dx) * f32(0.8)) * (dy < 0) * same_side * lung
-        A += wedge * (f32(1) - scene.heart) * f32(0.3)
+        attenuation += wedge * (f32(1) - scene.heart) * f32(0.3)
     return wedge > _REGION_LEVEL
 
 
-def _draw_ribs(rng, cv, A, an):
+def _draw_ribs(rng, cv, attenuation, an):
     """Posterior ribs arch upwards from the spine and curve down laterally; anterior ribs run the other way,
     fainter. Both are periodic bands along a curved coordinate whose spacing widens caudally; clamping the
     coordinate ends each family (a clamped value draws no rib)."""
@@ -840,28 +840,28 @@ def _draw_ribs(rng, cv, A, an):
                        _ZERO, f32(6))
     w = (anterior - np.floor(anterior) - f32(0.5)) * f32(1 / 0.22)
     anterior_rib = _unit(1 - w * w) * _unit((x_abs - f32(0.2)) * f32(8))
-    A += (posterior_rib * f32(0.075) + anterior_rib * f32(0.035)) * cage
+    attenuation += (posterior_rib * f32(0.075) + anterior_rib * f32(0.035)) * cage
 
 
-def _draw_clavicles(cv, A, an):
+def _draw_clavicles(cv, attenuation, an):
     """Gently S-shaped bars from the sternal notch up to the acromion; drawn only on the rows they can reach."""
     f32 = np.float32
     rows = cv.rows(an.apex - 0.25, an.apex + 0.25)
-    x_abs, y, A_top = np.abs(cv.x[rows]), cv.y[rows], A[rows]
+    x_abs, y, attenuation_top = np.abs(cv.x[rows]), cv.y[rows], attenuation[rows]
     t = x_abs - f32(0.09)
     w = (y - f32(an.apex + 0.12) + f32(0.3) * t - f32(0.04) * np.sin(t * f32(np.pi / 0.3))) * f32(1 / 0.04)
     clavicle = np.sqrt(_unit(1 - w * w)) * cv.edge(t) * cv.edge(f32(an.half_width + 0.08) - x_abs)
-    A_top += clavicle * f32(0.14)
+    attenuation_top += clavicle * f32(0.14)
 
 
-def _expose(rng, A, patchiness):
+def _expose(rng, attenuation, patchiness):
     """Attenuation -> uint8 pixels: exposure, quantum mottle, noise and a random gamma."""
     f32 = np.float32
-    size = A.shape[0]
+    size = attenuation.shape[0]
     lo, gain = rng.uniform(0.0, 0.07), rng.uniform(1.0, 1.2)
     r0, c0 = rng.integers(0, size, 2)
     noise = _noise_tile(size)[r0:r0 + size, c0:c0 + size]
-    img = (A - f32(lo)) * f32(gain) + patchiness * f32(0.01) + noise * f32(rng.uniform(0.008, 0.025))
+    img = (attenuation - f32(lo)) * f32(gain) + patchiness * f32(0.01) + noise * f32(rng.uniform(0.008, 0.025))
     gamma_lut = ((np.arange(256) / 255.0) ** rng.uniform(0.85, 1.2) * 255 + 0.5).astype(np.uint8)
     return gamma_lut[(_unit(img) * f32(255) + f32(0.5)).astype(np.uint8)]
 
@@ -1186,8 +1186,9 @@ def write_phantom_dataset(out_dir, n_train=3000, n_validation=300, n_test=600, s
     Layout: ``out_dir/images/{split}/NNNNNN.png``, ``out_dir/{split}.jsonl`` (one record per image:
     ``image`` path relative to ``out_dir``, ``report``, 0/1 for every ``PHANTOM_LABELS`` name, and
     ``regions``: present finding -> path of its region mask, ``NNNNNN_region_<finding>.png`` beside
-    the image, 255 where the finding was drawn) and ``out_dir/label_names.json``. Every image is a pure function of (seed, split, index), so the
-    test split is the same whatever ``n_train`` or ``num_workers`` are.
+    the image, 255 where the finding was drawn) and ``out_dir/label_names.json``. Every image is a
+    pure function of (seed, split, index), so the test split is the same whatever ``n_train`` or
+    ``num_workers`` are.
 
     Returns a summary dict: paths, counts and per-split label prevalence.
     """

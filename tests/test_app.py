@@ -83,7 +83,8 @@ def test_classify_images_studies_and_warnings(checkpoint, tmp_path):
     dataset.ViewPosition = "LL"
     dataset.save_as(lateral)
     table, gallery, notes = app.classify([DICOM, str(lateral)], "Cardiomegaly")
-    assert "lateral view" in notes and "⚠️ **lateral.dcm**" in notes and "RG1_UNCR.dcm" not in notes.split("⚠️")[1]
+    warnings = [line for line in notes.splitlines() if line.startswith("⚠️")]
+    assert len(warnings) == 1 and "**lateral.dcm**" in warnings[0] and "lateral view" in warnings[0]
     assert sorted(row.split('"')[1] for row in table.split("<tr data-file=")[1:]) == ["RG1_UNCR.dcm", "lateral.dcm"]
     archive = tmp_path / "study.zip"
     with zipfile.ZipFile(archive, "w") as handle:

@@ -1,4 +1,5 @@
-"""Explanation heatmaps (explain_llava_radz.py, through the pipeline), overlays and the pointing game (radz/explain.py)."""
+"""Explanation heatmaps (explain_llava_radz.py, through the pipeline), overlays and the pointing game
+(radz/explain.py)."""
 
 import re
 
