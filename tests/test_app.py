@@ -162,6 +162,7 @@ def test_app_in_a_real_browser(checkpoint, tmp_path):
         driver.find_element(By.ID, "radz-classify").click()
         rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#radz-scores tbody tr") or False)
         page = {row.get_attribute("data-label"): float(row.get_attribute("data-score")) for row in rows}
+        shown = {row.get_attribute("data-label"): row.text for row in rows}  # "RG1_UNCR.dcm Nodule 0.123"
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#radz-overlays img")) >= len(LABELS))
         screenshot = tmp_path / "app_screenshot.png"
         driver.save_screenshot(str(screenshot))
@@ -180,3 +181,4 @@ def test_app_in_a_real_browser(checkpoint, tmp_path):
     assert set(page) == set(LABELS)
     for label in LABELS:
         assert page[label] == pytest.approx(expected[label], abs=1e-6), label
+        assert shown[label].split()[-1] == f"{expected[label]:.3f}", shown[label]
