@@ -136,6 +136,24 @@ def chromium(user_data_dir: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+def _upload(driver, path, attempts: int = 4, seconds: float = 30):
+    """Give the page's file input `path` until the file component lists it. The input can be re-rendered while the
+    page finishes loading on a busy machine, which drops a file given too early: so try again."""
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    name = Path(path).name
+    for _ in range(attempts):
+        try:
+            driver.find_element(By.CSS_SELECTOR, "#radz-files input[type=file]").send_keys(str(path))
+            WebDriverWait(driver, seconds).until(lambda d: name in d.find_element(By.ID, "radz-files").text)
+            return
+        except (TimeoutException, StaleElementReferenceException):
+            continue
+    raise AssertionError(f"the page did not take the upload of {name} in {attempts} attempts")
+
+
 def test_app_in_a_real_browser(checkpoint, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -155,10 +173,9 @@ def test_app_in_a_real_browser(checkpoint, tmp_path):
         driver = chromium(tmp_path / "chromium-profile")
         driver.get(url)
         wait = WebDriverWait(driver, 120)
-        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#radz-files input[type=file]")))
+        wait.until(ec.element_to_be_clickable((By.ID, "radz-classify")))
         assert "Not a clinical tool" in driver.find_element(By.TAG_NAME, "body").text
-        driver.find_element(By.CSS_SELECTOR, "#radz-files input[type=file]").send_keys(DICOM)
-        wait.until(lambda d: "RG1_UNCR.dcm" in d.find_element(By.ID, "radz-files").text)
+        _upload(driver, DICOM)
         driver.find_element(By.ID, "radz-classify").click()
         rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#radz-scores tbody tr") or False)
         page = {row.get_attribute("data-label"): float(row.get_attribute("data-score")) for row in rows}
