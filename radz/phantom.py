@@ -21,8 +21,11 @@ left. Geometry lives on a normalised grid with x, y in [-1, 1] (y grows downward
     >>> case.image.shape, case.image.dtype
     ((192, 192), dtype('uint8'))
 
-``write_phantom_dataset`` writes train / validation / test splits as PNGs plus JSONL manifests;
-``python -m radz.phantom --out DIR`` does the same from the command line.
+Each case also records where each finding was drawn (``PhantomCase.regions``, one mask per finding:
+the ground truth of the pointing game in ``benchmarks/bench_pointing_game.py``).
+
+``write_phantom_dataset`` writes train / validation / test splits as PNGs (images and region masks)
+plus JSONL manifests; ``python -m radz.phantom --out DIR`` does the same from the command line.
 """
 
 from __future__ import annotations
