@@ -34,7 +34,10 @@ except ImportError:
 
 # `save_pretrained` copies the pipeline file (and the modules it imports) into the checkpoint and
 # declares it in `config.custom_pipelines`.
-PIPELINE_FILES = ("pipeline_llava_radz.py", "zero_shot_llava_radz.py", "knowledge_llava_radz.py")
+PIPELINE_FILES = (
+    "pipeline_llava_radz.py", "zero_shot_llava_radz.py", "knowledge_llava_radz.py", "explain_llava_radz.py",
+    "calibration_llava_radz.py",
+)
 # The MLP heads of LlavaRadZForZeroShotClassification (everything trainable outside the LLaVA model but the
 # temperature and the sigmoid bias).
 HEAD_MODULES = ("image_global_head", "text_global_head", "image_local_head", "text_local_head", "anchor_head")
@@ -230,8 +233,9 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             )
         return torch.tensor(ids, device=self.llava.device)
 
-    def _read_states(self, modality, input_ids, attention_mask, pixel_values=None):
-        """One LLM pass up to `feature_layer`; the pooled special-token states and the mean content-token state."""
+    def _read_states(self, modality, input_ids, attention_mask, pixel_values=None, return_states=False):
+        """One LLM pass up to `feature_layer`; the pooled special-token states and the mean content-token state
+        (and, with `return_states`, the input embeddings and the `feature_layer` states, `[batch, sequence, hidden]`)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cls_mask = torch.isin(input_ids, self._cls_ids(modality)) & attention_mask.bool()
@@ -243,7 +247,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 f"{modality} pass: row {row} holds {int(counts[row])} special tokens, expected {n}; "
                 "build the inputs with LlavaRadZProcessor"
             )
-        states = self._llm_states(input_ids, attention_mask, pixel_values)
+        input_states, states = self._llm_states(input_ids, attention_mask, pixel_values)
         cls_states = states[cls_mask].view(len(states), n, -1)
         if self.config.pooling == "mean":
             pooled = cls_states.mean(dim=1)
@@ -258,14 +262,14 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             content = attention_mask.bool() & ~cls_mask
         weights = content.unsqueeze(-1).to(states.dtype)
         local = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return pooled, local
+        return (pooled, local, input_states, states) if return_states else (pooled, local)
 
     def feature_layer_count(self) -> int:
         """How many decoder layers the image and text passes run: `hidden_states[i]` is the output of layer i."""
         return self.config.feature_layer % (self.config.text_config.num_hidden_layers + 1)
 
     def _llm_states(self, input_ids, attention_mask, pixel_values=None):
-        """`hidden_states[feature_layer]` of the LLM, running only the decoder layers it needs.
+        """`(inputs_embeds, hidden_states[feature_layer])` of the LLM, running only the decoder layers it needs.
 
         The steps of `LlavaModel.forward` (image features in place of the `<image>` tokens) and of
         `LlamaModel.forward` / `MistralModel.forward` (mask, rotary embeddings, layers), stopped at `feature_layer`:
@@ -303,7 +307,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 cache=None,
                 use_cache=False,
             )
-        return language_model.norm(hidden_states) if stop == num_layers else hidden_states
+        return inputs_embeds, language_model.norm(hidden_states) if stop == num_layers else hidden_states
 
     def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
         pooled, local = self._read_states(modality, input_ids, attention_mask, pixel_values)
@@ -346,6 +350,21 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             raise ValueError("get_image_features needs pixel_values and image_input_ids (from processor(images=...))")
         pixel_values = pixel_values.to(self.llava.device, self.llava.dtype)
         return self._encode("image", image_input_ids, image_attention_mask, pixel_values)
+
+    def get_image_hidden_states(self, pixel_values, image_input_ids, image_attention_mask=None, **unused):
+        """The image pass of `get_image_features`, for explanations: `(features, input_states, feature_states)`,
+        the LLM's input embeddings (image tokens from the projector) and its `feature_layer` states, each
+        `[batch, sequence, hidden]`."""
+        pixel_values = pixel_values.to(self.llava.device, self.llava.dtype)
+        pooled, local, input_states, feature_states = self._read_states(
+            "image", image_input_ids, image_attention_mask, pixel_values, return_states=True
+        )
+        features = LlavaRadZFeatures(
+            embeds=F.normalize(self.image_global_head(pooled), dim=-1),
+            local_embeds=F.normalize(self.image_local_head(local), dim=-1),
+            pooled_cls_states=pooled,
+        )
+        return features, input_states, feature_states
 
     def get_text_features(self, input_ids, attention_mask=None, **unused):
         """Text pass: `text prompt + text + <TxtCls_*>`, without an image → `LlavaRadZFeatures`."""

@@ -32,10 +32,14 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import logging
 
 try:
+    from .calibration_llava_radz import calibrated_probabilities, resolve_calibration
+    from .explain_llava_radz import heatmap_method, label_heatmaps
     from .knowledge_llava_radz import describe_category, normalize_label, parse_descriptions  # noqa: F401
     from .radiograph_llava_radz import RadiographError, is_study, load_radiograph, study_files
     from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
 except ImportError:
+    from calibration_llava_radz import calibrated_probabilities, resolve_calibration
+    from explain_llava_radz import heatmap_method, label_heatmaps
     from knowledge_llava_radz import describe_category, normalize_label, parse_descriptions  # noqa: F401
     from radiograph_llava_radz import RadiographError, is_study, load_radiograph, study_files
     from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
@@ -57,11 +61,12 @@ PREPROCESS_DEFAULTS = {
     "window_index": 0,
     "timeout": None,
     "tokenizer_kwargs": None,
+    "calibrated": False,
 }
 # Details a result element carries only when asked for: `return_<flag>=True` adds the key. `_forward` computes each
 # asked-for detail as an `[images, labels, ...]` value, postprocess puts item `[n][k]` into element k of image n.
 DETAILS = {"return_anchors": "anchor"}
-OPTIONS = (*PREPROCESS_DEFAULTS, *DETAILS, "batch_size")
+OPTIONS = (*PREPROCESS_DEFAULTS, *DETAILS, "return_heatmap", "batch_size")
 KNOWLEDGE_MODES = (True, False, "generate")
 # tokenizer_kwargs (as transformers' pipeline takes them) for the label prompts: `max_length` is the processor's
 # `max_text_tokens`; `truncation=False` makes a longer prompt an error; `padding` changes no score (the model reads
@@ -153,6 +158,11 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             (`TOKENIZER_KWARGS`).
         return_anchors (`bool`, defaults to False): add `"anchor"` to each element: whether the label was scored
             against a knowledge anchor.
+        return_heatmap (`bool` or `str`, defaults to False): add `"heatmap"` to each element, its label's evidence
+            `[H, W]` in [0, 1] (float32 numpy) over the model's input (the resized, centre-cropped image); True for
+            the default method, or a name of `explain_llava_radz.HEATMAP_METHODS` (radz.explain.overlay draws it).
+        calibrated (`bool`, defaults to False): multi-label scores Platt-scaled per label by `config.calibration`
+            (`evaluate_radz.py --calibrate`), for the settings it was fitted with (`calibration_llava_radz.py`).
 
     `device=` and `dtype=` of `pipeline(...)` place and cast the model; images go through under the pipeline's
     inference context, batch by batch, on that device. Label embeddings are cached per label set, templates,
@@ -211,6 +221,9 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             if not isinstance(value, bool):
                 raise TypeError(f"{flag} must be True or False, got {value!r}")
         forward = {"details": tuple(DETAILS[f] for f, on in details.items() if on)} if details else {}
+        method = heatmap_method(kwargs.get("return_heatmap", False))
+        if method is not None:
+            forward["heatmap"] = method
         return preprocess, forward, {}
 
     def label_spec(self, **options) -> LabelSpec:
@@ -272,12 +285,18 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         return tuple(labels)
 
     # -- the three stages --------------------------------------------------------------------------------------
-    def preprocess(self, request: RadiographRequest, window_index: int = 0, timeout=None, **label_options) -> list:
+    def preprocess(
+        self, request: RadiographRequest, window_index: int = 0, timeout=None, calibrated=False, **label_options
+    ) -> list:
         """Check the options, read every image (`load_radiograph`) and cut the batches: a list of `BatchFeature`s
         with the image-pass inputs, the label spec and, per image, `rows`: (input index, study file or None, DICOM
         view). An error names the item of the caller's list. Images are read on `torch.get_num_threads()` threads:
         decoding and resizing release the GIL."""
         spec = self.label_spec(**label_options)
+        calibration = resolve_calibration(self.model.config, {
+            "calibrated": calibrated, "multi_label": spec.multi_label, "templates": spec.templates,
+            "use_knowledge": spec.use_knowledge, "negative_template": spec.negative_template,
+        })
         _check_count(window_index, "window_index", 0)
         studies, flat, rows = {}, [], []
         for index, item in enumerate(request.images):
@@ -320,6 +339,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
                     "image_input_ids": ids,
                     "image_attention_mask": torch.ones_like(ids),
                     "spec": spec,
+                    "calibration": calibration,
                     "rows": batch_rows,
                     "single": request.single,
                 }))
@@ -343,16 +363,23 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             except RadiographError as error:
                 raise RadiographError(str(error).replace(str(path), image)) from error
 
-    def _forward(self, model_inputs, details=()) -> dict:
-        """Scores `[batch, K]` of one image batch (`classifier.probabilities`: softmax or per label) and the asked-for
-        details (`DETAILS`), each `[batch, K, ...]`."""
+    def _forward(self, model_inputs, details=(), heatmap=None) -> dict:
+        """Scores `[batch, K]` of one image batch (`classifier.probabilities`: softmax or per label; or Platt-scaled
+        per label by `config.calibration` with `calibrated=True`) and the asked-for details (`DETAILS`, and the
+        `heatmap` of that method, `[batch, K, H, W]`), each `[batch, K, ...]`."""
         classifier = self.label_embeddings(model_inputs["spec"])
         keys = ("pixel_values", "image_input_ids", "image_attention_mask")
         features = self.model.get_image_features(**{key: model_inputs[key] for key in keys})
-        scores = classifier.probabilities(features)
+        calibration = model_inputs["calibration"]
+        if calibration is None:
+            scores = classifier.probabilities(features)
+        else:
+            scores = calibrated_probabilities(classifier, features, calibration)
         computed = {}
         if "anchor" in details:
             computed["anchor"] = classifier.anchored.expand(len(scores), -1)
+        if heatmap is not None:
+            computed["heatmap"] = label_heatmaps(self.model, classifier, model_inputs, heatmap)
         return {"scores": scores, "details": computed, "labels": classifier.labels, "rows": model_inputs["rows"],
                 "single": model_inputs["single"]}
 
@@ -361,7 +388,10 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         scored, rows = [], []
         for output in model_outputs:
             labels = output["labels"]
-            details = {key: value.tolist() for key, value in output["details"].items()}
+            # A heatmap stays a float32 numpy array `[H, W]`; the other details become Python values.
+            details = {
+                key: value.numpy() if key == "heatmap" else value.tolist() for key, value in output["details"].items()
+            }
             for n, scores in enumerate(output["scores"].tolist()):
                 elements = [
                     {"label": label, "score": score, **{key: value[n][k] for key, value in details.items()}}

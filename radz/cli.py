@@ -133,6 +133,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     thresholds.add_argument("--validation_split", help="default: the dataset's own (valid, val, validation...); "
                                                             "ChestX-ray14: a patient-disjoint part of train_val_list")
     thresholds.add_argument("--bootstrap", type=int, default=0, help="resamples for 95%% AUC confidence intervals")
+    thresholds.add_argument("--calibrate", action="store_true",
+                            help="radz --multi_label: fit per-label Platt scaling on the validation split, save it "
+                                 "in the checkpoint (config.calibration, for pipeline(..., calibrated=True)) and "
+                                 "report ECE, Brier score and a reliability diagram before and after")
 
     training = parser.add_argument_group("trained baselines (vision_probe, sft)")
     training.add_argument("--train_split", default="train", help="the split the baselines train on")

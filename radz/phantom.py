@@ -21,8 +21,11 @@ left. Geometry lives on a normalised grid with x, y in [-1, 1] (y grows downward
     >>> case.image.shape, case.image.dtype
     ((192, 192), dtype('uint8'))
 
-``write_phantom_dataset`` writes train / validation / test splits as PNGs plus JSONL manifests;
-``python -m radz.phantom --out DIR`` does the same from the command line.
+Each case also records where each finding was drawn (``PhantomCase.regions``, one mask per finding:
+the ground truth of the pointing game in ``benchmarks/bench_pointing_game.py``).
+
+``write_phantom_dataset`` writes train / validation / test splits as PNGs (images and region masks)
+plus JSONL manifests; ``python -m radz.phantom --out DIR`` does the same from the command line.
 """
 
 from __future__ import annotations
@@ -161,13 +164,15 @@ NEGATION_PHRASES["No Finding"] = ()
 @dataclass
 class PhantomCase:
     """One synthetic case: ``image`` (uint8 H x W), ``labels`` (name -> 0/1 for every
-    ``PHANTOM_LABELS`` entry), ``report`` (free text) and ``attributes`` (what was drawn: heart
-    width ratio, sides, sizes, pixel positions)."""
+    ``PHANTOM_LABELS`` entry), ``report`` (free text), ``attributes`` (what was drawn: heart
+    width ratio, sides, sizes, pixel positions) and ``regions`` (present finding -> bool H x W
+    mask of where it was drawn: the ground truth of localisation)."""
 
     image: np.ndarray
     labels: dict
     report: str
     attributes: dict = field(default_factory=dict)
+    regions: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,271 +490,383 @@ def _lung_rho2(an, side, x, y):
     return u * u + v * v, a
 
 
-def _render(rng, size, an, det, attrs):
-    cv = _Canvas(rng, size)
-    x, y = cv.x, cv.y
-    ax = np.abs(x)
+@dataclass
+class _Scene:
+    """What the finding helpers draw on: the attenuation map (bright = dense), the anatomy masks and the
+    textures they share. ``lungs`` maps a side to (soft lung mask, squared normalised radius, lung half-width)."""
+
+    canvas: _Canvas
+    anatomy: _Anatomy
+    attenuation: np.ndarray
+    lungs: dict
+    heart: np.ndarray
+    lung_any: np.ndarray  # either lung, outside the heart
+    hilar_dx: np.ndarray  # offset from the nearer hilum, mirrored so that lateral is positive
+    hilar_dy: np.ndarray
+    vessel_ridge: np.ndarray  # distance-like field whose zero set draws the vessels (bronchi run with them)
+    patchiness: np.ndarray  # coarse smooth noise: patchy opacities
+    mottle: np.ndarray  # finer smooth noise
+
+
+# Region masks: where each finding lies, thresholded from its soft mask inside the lung (also where the heart
+# shadow makes it fainter).
+_REGION_LEVEL = np.float32(0.5)
+
+
+def _render(rng, size, anatomy, details, attrs):
+    """Draw one image: anatomy, then the findings, ribs and clavicles over them, then exposure and noise.
+    Returns the uint8 image and ``{finding: bool mask}`` of where each present finding was drawn."""
     f32 = np.float32
+    canvas = _Canvas(rng, size)
+    attenuation = _soft_tissue_and_spine(canvas, anatomy)
+    lungs, heart = _lungs_and_heart(canvas, anatomy)
+    lung_any = (lungs["right"][0] + lungs["left"][0]) * (1 - heart)
+    # Overlying breast / soft tissue makes the bases a little denser than the upper zones.
+    attenuation -= lung_any * (f32(0.5) - f32(0.08) * _unit(canvas.y * f32(2.0)))
+    attenuation += heart * f32(0.04)
+    _draw_trachea_and_gastric_bubble(canvas, attenuation, anatomy)
+    markings, ridge, dx, dy = _vessel_markings(rng, canvas, anatomy, lung_any, engorged="Edema" in details)
+    scene = _Scene(canvas, anatomy, attenuation, lungs, heart, lung_any, dx, dy, ridge,
+                   patchiness=_smooth_noise(rng, size, 10), mottle=_smooth_noise(rng, size, 26))
 
-    # Body: rounded soft-tissue cylinder, wider at the shoulders, thicker in the middle.
-    wb = f32(an.half_width + 0.17) + f32(0.2) * _unit((-0.5 - y) * f32(1 / 0.4))
-    rel = ax / wb
-    body = cv.edge((1 - rel) * wb)
-    A = body * (f32(0.28) + f32(0.52) * np.sqrt(_unit(1 - rel * rel)))
+    regions = {}
+    if "Cardiomegaly" in details:
+        regions["Cardiomegaly"] = heart > _REGION_LEVEL
+    if "Pneumothorax" in details:  # drawn before the markings are added: the pleural gap has none
+        regions["Pneumothorax"] = _draw_pneumothorax(scene, details["Pneumothorax"], markings)
+    attenuation += markings
+    if "Pleural Effusion" in details:
+        regions["Pleural Effusion"] = _draw_effusion(scene, details["Pleural Effusion"])
+    if "Pneumonia" in details:
+        regions["Pneumonia"] = _draw_pneumonia(rng, scene, details["Pneumonia"])
+    if "Nodule" in details:
+        regions["Nodule"] = np.zeros((size, size), bool)
+        for lesion in details["Nodule"]["lesions"]:
+            _draw_nodule(rng, scene, lesion, regions["Nodule"])
+    if "Edema" in details:
+        regions["Edema"] = _draw_edema(rng, scene, details["Edema"]["severity"])
+    if "Atelectasis" in details:
+        regions["Atelectasis"] = _draw_atelectasis(rng, scene, details["Atelectasis"])
 
-    # Spine (behind the mediastinum) with faint disc spaces.
-    spine = _unit((f32(0.07) - ax) * f32(30))
-    A += spine * (f32(0.06) + f32(0.012) * np.cos(y * f32(2 * np.pi / 0.085)))
+    _draw_ribs(rng, canvas, attenuation, anatomy)
+    _draw_clavicles(canvas, attenuation, anatomy)
+    image = _expose(rng, attenuation, scene.patchiness)
+    attrs["heart_width_ratio"] = float(anatomy.heart_width_ratio())
+    attrs["geometry"] = {"angle_deg": math.degrees(canvas.angle), "scale": canvas.scale,
+                         "offset": canvas.offset, "px_per_cm": float(CM * canvas.px_per_unit())}
+    attrs["heart_px"] = {
+        "right_border": float(canvas.to_pixel(anatomy.heart_cx - anatomy.heart_right, anatomy.heart_cy)[0]),
+        "left_border": float(canvas.to_pixel(anatomy.heart_cx + anatomy.heart_left, anatomy.heart_cy)[0]),
+        "thorax_right": float(canvas.to_pixel(-anatomy.half_width, anatomy.heart_cy)[0]),
+        "thorax_left": float(canvas.to_pixel(anatomy.half_width, anatomy.heart_cy)[0]),
+    }
+    return image, regions
 
-    # Lungs: air removes attenuation; the mediastinum (with the aortic knob on the left) and the
-    # diaphragm bound them medially and below.
+
+def _soft_tissue_and_spine(cv, an):
+    """The body, a rounded soft-tissue cylinder wider at the shoulders and thicker in the middle, and the spine
+    behind the mediastinum with faint disc spaces: the attenuation map the rest is drawn on."""
+    f32 = np.float32
+    x_abs, y = np.abs(cv.x), cv.y
+    body_half_width = f32(an.half_width + 0.17) + f32(0.2) * _unit((-0.5 - y) * f32(1 / 0.4))
+    rel = x_abs / body_half_width
+    body = cv.edge((1 - rel) * body_half_width)
+    attenuation = body * (f32(0.28) + f32(0.52) * np.sqrt(_unit(1 - rel * rel)))
+    spine = _unit((f32(0.07) - x_abs) * f32(30))
+    attenuation += spine * (f32(0.06) + f32(0.012) * np.cos(y * f32(2 * np.pi / 0.085)))
+    return attenuation
+
+
+def _lungs_and_heart(cv, an):
+    """Soft masks of the lungs, bounded by the mediastinum (with the aortic knob on the left) and the diaphragm,
+    and of the heart: an asymmetric tilted ellipse, mostly left of the midline (image right), in front of the
+    left lung."""
+    f32 = np.float32
+    x, y = cv.x, cv.y
     mediastinum = f32(an.medial) + (x > an.shift) * f32(0.07) * np.exp(-(((y + 0.33) / 0.09) ** 2))
-    med_free = cv.edge(np.abs(x - f32(an.shift)) - mediastinum)
+    outside_mediastinum = cv.edge(np.abs(x - f32(an.shift)) - mediastinum)
     lungs = {}
     for side in ("right", "left"):
-        rho2, a = _lung_rho2(an, side, x, y)
-        lung = cv.edge((1 - rho2) * f32(a / 2)) * cv.edge(an.dome_y(side, x) - y) * med_free
-        lungs[side] = (lung, rho2, a)
-    # The heart sits in front of the left lung: an asymmetric tilted ellipse, mostly left of
-    # the midline (image right).
+        rho2, half_width = _lung_rho2(an, side, x, y)
+        lung = cv.edge((1 - rho2) * f32(half_width / 2)) * cv.edge(an.dome_y(side, x) - y) * outside_mediastinum
+        lungs[side] = (lung, rho2, half_width)
     u = (x - f32(an.heart_cx)) * (f32(1 / an.heart_right)
                                   + (x > an.heart_cx) * f32(1 / an.heart_left - 1 / an.heart_right))
     v = (y - f32(an.heart_cy)) * f32(1 / an.heart_rv) - f32(0.25) * u
     heart = cv.edge((1 - (u * u + v * v)) * f32(0.5 * (an.heart_left + an.heart_right) / 2))
-    not_heart = 1 - heart
-    lung_any = (lungs["right"][0] + lungs["left"][0]) * not_heart
-    # Overlying breast / soft tissue makes the bases a little denser than the upper zones.
-    A -= lung_any * (f32(0.5) - f32(0.08) * _unit(y * f32(2.0)))
-    A += heart * f32(0.04)
+    return lungs, heart
 
-    # Trachea: dark air column down to the carina.
-    tx = an.shift * 0.7
-    trachea = cv.edge(f32(0.032) - np.abs(x - f32(tx))) * cv.edge(f32(-0.3) - y)
-    A -= trachea * f32(0.15)
-    # Gastric bubble under the left hemidiaphragm.
-    gx, gy = 0.32 + an.shift * 0.5, an.dome["left"] + 0.1
-    gb = ((x - f32(gx)) * f32(1 / 0.1)) ** 2 + ((y - f32(gy)) * f32(1 / 0.055)) ** 2
-    A -= cv.edge((1 - gb) * f32(0.03)) * cv.edge(f32(gy) - y + f32(0.01)) * f32(0.2)
 
-    # Vessel markings: thin branching lines radiating from each hilum (zero-crossings of radially
-    # elongated polar noise), tapering and fading towards the periphery.
+def _draw_trachea_and_gastric_bubble(cv, attenuation, an):
+    """The trachea, a dark air column down to the carina, and the gastric bubble under the left hemidiaphragm."""
+    f32 = np.float32
+    x, y = cv.x, cv.y
+    trachea_x = an.shift * 0.7
+    trachea = cv.edge(f32(0.032) - np.abs(x - f32(trachea_x))) * cv.edge(f32(-0.3) - y)
+    attenuation -= trachea * f32(0.15)
+    bubble_x, bubble_y = 0.32 + an.shift * 0.5, an.dome["left"] + 0.1
+    rho2 = ((x - f32(bubble_x)) * f32(1 / 0.1)) ** 2 + ((y - f32(bubble_y)) * f32(1 / 0.055)) ** 2
+    attenuation -= cv.edge((1 - rho2) * f32(0.03)) * cv.edge(f32(bubble_y) - y + f32(0.01)) * f32(0.2)
+
+
+def _vessel_markings(rng, cv, an, lung_any, engorged):
+    """Thin branching lines radiating from each hilum (zero-crossings of radially elongated polar noise), tapering
+    and fading towards the periphery; stronger when ``engorged`` (edema). Returns the markings (not yet added),
+    the ridge field they are drawn from and the mirrored offsets (dx, dy) from the hila."""
+    f32 = np.float32
+    x, y = cv.x, cv.y
     left = x > f32(an.shift)
-    hr, hl = an.hilum("right")[0], an.hilum("left")[0]
-    dx = (x - f32(hr) - left * f32(hl - hr)) * (left * f32(2) - f32(1))  # mirrored: lateral > 0
+    right_hilum_x, left_hilum_x = an.hilum("right")[0], an.hilum("left")[0]
+    dx = (x - f32(right_hilum_x) - left * f32(left_hilum_x - right_hilum_x)) * (left * f32(2) - f32(1))
     dy = y - f32(an.hilum("left")[1])
     r = np.sqrt(dx * dx + dy * dy)
     theta = np.arctan2(dy, dx)
     polar = _polar_noise(rng)
-    ir = np.clip(r, _ZERO, f32(_POLAR_RMAX * 0.999)) * f32(_POLAR_R / _POLAR_RMAX)
-    it = (theta + f32(np.pi)) * f32((_POLAR_T - 1) / (2 * np.pi)) + left * f32(_POLAR_T)
-    flat = (np.floor(ir) * f32(2 * _POLAR_T) + it).astype(np.int32)
+    radius_bin = np.clip(r, _ZERO, f32(_POLAR_RMAX * 0.999)) * f32(_POLAR_R / _POLAR_RMAX)
+    angle_bin = (theta + f32(np.pi)) * f32((_POLAR_T - 1) / (2 * np.pi)) + left * f32(_POLAR_T)
+    flat = (np.floor(radius_bin) * f32(2 * _POLAR_T) + angle_bin).astype(np.int32)
     ridge = np.abs(polar.take(flat)) * (r + f32(0.12)) * f32(5.0)
     vessels = _unit(1 - ridge) * np.exp(-r * f32(1 / 0.4))
     hilar = np.exp(-r * r * f32(1 / 0.01))
-    vessel_gain = f32(1.5) if "Edema" in det else f32(1.0)
-    markings = (vessels * f32(0.12) * vessel_gain + hilar * f32(0.1)) * lung_any
-
-    lf = _smooth_noise(rng, size, 10)  # patchiness of opacities and mottle
-    mf = _smooth_noise(rng, size, 26)
-
-    # ----- findings that act on the lung fields -----
-    if "Pneumothorax" in det:
-        p = det["Pneumothorax"]
-        lung, rho2, a = lungs[p["side"]]
-        # The collapsed lung is the lung outline shrunk towards the medial base, so the pleural
-        # gap is widest at the apex and laterally.
-        xc, _ = an.lung(p["side"])
-        px, py = xc - _SIGN[p["side"]] * 0.6 * a, an.dome[p["side"]]
-        f = p["lung_fraction"]
-        rho2_c, _ = _lung_rho2(an, p["side"], f32(px) + (x - f32(px)) / f32(f),
-                               f32(py) + (y - f32(py)) / f32(f))
-        gap = lung * cv.edge((rho2_c - 1) * f32(a * f / 2))
-        line = np.exp(-(((rho2_c - 1) * f32(a * f / 2) * cv.sharp * f32(0.9)) ** 2)) * lung
-        markings *= 1 - gap
-        A -= gap * f32(0.05)
-        A += line * f32(0.11) + (lung - gap) * f32(0.03)
-        apex_gap = (py - an.apex) * (1 - f)  # apex-to-pleural-line distance
-        p["apical_gap_cm"] = round(float(apex_gap / CM), 1)
-        p["apical_gap_px"] = float(apex_gap * cv.px_per_unit())
-        # A point in the middle of the apical gap, and its mirror in the other lung.
-        other = "left" if p["side"] == "right" else "right"
-        mid_y = an.apex + apex_gap / 2
-        p["gap_point_px"] = tuple(float(c) for c in cv.to_pixel(xc, mid_y))
-        p["mirror_point_px"] = tuple(float(c) for c in cv.to_pixel(an.lung(other)[0], mid_y))
-    A += markings
-
-    if "Pleural Effusion" in det:
-        p = det["Pleural Effusion"]
-        p["fluid_top_px"] = {}
-        for side in p["sides"]:
-            lung, _, a = lungs[side]
-            xc, _ = an.lung(side)
-            lateral = _unit((x - f32(xc)) * f32(_SIGN[side] / a) * f32(0.5) + f32(0.5))
-            cp_angle = an.dome[side] + 0.2 * 1.15**2
-            level = {"small": cp_angle - 0.17, "moderate": an.dome[side] - 0.12,
-                     "large": an.dome[side] - 0.42}[p["sizes"][side]]
-            meniscus = f32(level) + f32(0.2) * (1 - lateral) ** 2  # rises towards the wall
-            fluid = _unit((y - meniscus) * f32(1 / 0.06)) * lung * not_heart
-            A += fluid * f32(0.47)
-            p["fluid_top_px"][side] = float(cv.to_pixel(xc, level)[1])
-
-    if "Pneumonia" in det:
-        for focus in det["Pneumonia"]["foci"]:
-            side, k = focus["side"], focus["lobe_index"]
-            lung, _, a = lungs[side]
-            s = _SIGN[side]
-            xc, _ = an.lung(side)
-            hy = an.hilum(side)[1]
-            if k == 0:  # upper lobe, bounded below by the horizontal fissure on the right
-                cx, cy = xc + s * rng.uniform(-0.1, 0.25) * a, an.apex + rng.uniform(0.25, 0.4)
-            elif k == 1:  # middle lobe / lingula, against the heart border
-                cx, cy = s * (an.heart_right if s < 0 else an.heart_left) + an.heart_cx + s * 0.08, 0.15
-            else:  # lower lobe, at the base
-                cx, cy = xc + s * rng.uniform(0.0, 0.3) * a, an.dome[side] - rng.uniform(0.08, 0.16)
-            R = focus["radius"]
-            env = np.exp(-((x - f32(cx)) ** 2 + (y - f32(cy)) ** 2) * f32(1 / (2 * (0.75 * R) ** 2)))
-            fluffy = f32(1.0) + f32(0.4) * lf + f32(0.35) * mf
-            patch = _unit((env * fluffy - f32(0.3)) * f32(1.5)) * lung * (f32(1) - f32(0.7) * heart)
-            if side == "right" and k in (0, 1):  # the minor fissure gives a sharp edge
-                patch *= cv.edge((f32(hy) - y) if k == 0 else (y - f32(hy)))
-            A += patch * f32(focus["density"])
-            if focus["air_bronchograms"]:
-                tubes = _unit(f32(1) - ridge * f32(0.7))  # bronchi run with the vessels
-                A -= tubes * _unit(patch * f32(2) - f32(1)) * f32(0.18)
-            focus["center_px"] = tuple(float(c) for c in cv.to_pixel(cx, cy))
-            focus["radius_px"] = float(R * cv.px_per_unit())
-
-    if "Nodule" in det:
-        for lesion in det["Nodule"]["lesions"]:
-            _draw_nodule(rng, cv, A, an, lesion, lung_any)
-
-    if "Edema" in det:
-        sev = det["Edema"]["severity"]
-        haze_amp, kerley_amp = {"mild": (0.1, 0.1), "moderate": (0.2, 0.09), "severe": (0.3, 0.07)}[sev]
-        # Bat-wing: dense around the hila, sparing the periphery.
-        bat = np.exp(-((dx - f32(0.05)) * f32(1 / 0.32)) ** 2 - (dy * f32(1 / 0.36)) ** 2)
-        A += bat * (f32(0.75) + f32(0.35) * lf) * lung_any * f32(haze_amp)
-        # Kerley B lines: short horizontal lines reaching the lateral pleura at the bases.
-        lines = np.cos(y * f32(2 * np.pi / 0.03) + f32(rng.uniform(0, 2 * np.pi)))
-        lines = _unit(lines * f32(1.4) - f32(0.4))
-        for side in ("right", "left"):
-            lung, rho2, _ = lungs[side]
-            rim = _unit((rho2 - f32(0.72)) * f32(10)) * _unit(y * f32(4))
-            A += lines * rim * lung * f32(kerley_amp)
-
-    if "Atelectasis" in det:
-        _draw_atelectasis(rng, cv, A, an, det["Atelectasis"], lungs, heart, dx, dy)
-
-    # Ribs: posterior ribs arch upwards from the spine and curve down laterally; anterior ribs
-    # run the other way, fainter. Both are periodic bands along a curved coordinate whose spacing
-    # widens caudally; clamping the coordinate ends each family (a clamped value draws no rib).
-    ax2 = ax * ax
-    cage = cv.edge(f32(an.half_width + 0.05) - ax) * _unit((y - f32(an.apex - 0.2)) * f32(8))
-    rib_gap = rng.uniform(0.085, 0.1)
-    q = y + f32(0.25) * ax - f32(0.85) * ax2 - f32(an.apex - 0.12)
-    post = np.clip(q * (f32(1.15 / rib_gap) - q * f32(0.12 / rib_gap)), _ZERO, f32(10))  # 10 ribs
-    w = (post - np.floor(post) - f32(0.3)) * f32(1 / 0.24)
-    w *= w
-    rib = _unit(1 - w * w) * _unit((ax - f32(0.06)) * f32(20))  # flat-topped bars
-    ant = np.clip((y + f32(0.5) * ax - f32(0.25) * ax2 - f32(an.apex)) * f32(1 / (rib_gap * 1.3)),
-                  _ZERO, f32(6))
-    w = (ant - np.floor(ant) - f32(0.5)) * f32(1 / 0.22)
-    arib = _unit(1 - w * w) * _unit((ax - f32(0.2)) * f32(8))
-    A += (rib * f32(0.075) + arib * f32(0.035)) * cage
-
-    # Clavicles: gently S-shaped bars from the sternal notch up to the acromion; drawn only on
-    # the rows they can reach.
-    rows = cv.rows(an.apex - 0.25, an.apex + 0.25)
-    xs, ys, A_top = ax[rows], y[rows], A[rows]
-    t = xs - f32(0.09)
-    w = (ys - f32(an.apex + 0.12) + f32(0.3) * t - f32(0.04) * np.sin(t * f32(np.pi / 0.3))) * f32(1 / 0.04)
-    clav = np.sqrt(_unit(1 - w * w)) * cv.edge(t) * cv.edge(f32(an.half_width + 0.08) - xs)
-    A_top += clav * f32(0.14)
-
-    # Exposure, gamma, quantum mottle and noise.
-    lo, gain = rng.uniform(0.0, 0.07), rng.uniform(1.0, 1.2)
-    r0, c0 = rng.integers(0, size, 2)
-    noise = _noise_tile(size)[r0:r0 + size, c0:c0 + size]
-    img = (A - f32(lo)) * f32(gain) + lf * f32(0.01) + noise * f32(rng.uniform(0.008, 0.025))
-    gamma_lut = ((np.arange(256) / 255.0) ** rng.uniform(0.85, 1.2) * 255 + 0.5).astype(np.uint8)
-    attrs["heart_width_ratio"] = float(an.heart_width_ratio())
-    attrs["geometry"] = {"angle_deg": math.degrees(cv.angle), "scale": cv.scale,
-                         "offset": cv.offset, "px_per_cm": float(CM * cv.px_per_unit())}
-    attrs["heart_px"] = {
-        "right_border": float(cv.to_pixel(an.heart_cx - an.heart_right, an.heart_cy)[0]),
-        "left_border": float(cv.to_pixel(an.heart_cx + an.heart_left, an.heart_cy)[0]),
-        "thorax_right": float(cv.to_pixel(-an.half_width, an.heart_cy)[0]),
-        "thorax_left": float(cv.to_pixel(an.half_width, an.heart_cy)[0]),
-    }
-    return gamma_lut[(_unit(img) * f32(255) + f32(0.5)).astype(np.uint8)]
+    gain = f32(1.5) if engorged else f32(1.0)
+    markings = (vessels * f32(0.12) * gain + hilar * f32(0.1)) * lung_any
+    return markings, ridge, dx, dy
 
 
-def _draw_nodule(rng, cv, A, an, lesion, lung_any):
-    """A round, well-defined opacity (projected sphere) placed in the chosen lung zone, drawn on a
-    local window only."""
+def _draw_pneumothorax(scene, p, markings):
+    """Air between the chest wall and the collapsed lung: the lung outline shrunk towards its medial base, so the
+    pleural gap is widest at the apex and laterally; the visceral pleural line at its edge. Removes the vessel
+    markings in the gap. Returns the gap's mask."""
+    f32 = np.float32
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
+    x, y = cv.x, cv.y
+    side = p["side"]
+    lung, _, half_width = scene.lungs[side]
+    lung_x, _ = an.lung(side)
+    pivot_x, pivot_y = lung_x - _SIGN[side] * 0.6 * half_width, an.dome[side]
+    fraction = p["lung_fraction"]
+    rho2_collapsed, _ = _lung_rho2(an, side, f32(pivot_x) + (x - f32(pivot_x)) / f32(fraction),
+                                   f32(pivot_y) + (y - f32(pivot_y)) / f32(fraction))
+    distance = (rho2_collapsed - 1) * f32(half_width * fraction / 2)
+    gap = lung * cv.edge(distance)
+    line = np.exp(-((distance * cv.sharp * f32(0.9)) ** 2)) * lung
+    markings *= 1 - gap
+    attenuation -= gap * f32(0.05)
+    attenuation += line * f32(0.11) + (lung - gap) * f32(0.03)
+    apex_gap = (pivot_y - an.apex) * (1 - fraction)  # apex-to-pleural-line distance
+    p["apical_gap_cm"] = round(float(apex_gap / CM), 1)
+    p["apical_gap_px"] = float(apex_gap * cv.px_per_unit())
+    # A point in the middle of the apical gap, and its mirror in the other lung.
+    other = "left" if side == "right" else "right"
+    mid_y = an.apex + apex_gap / 2
+    p["gap_point_px"] = tuple(float(c) for c in cv.to_pixel(lung_x, mid_y))
+    p["mirror_point_px"] = tuple(float(c) for c in cv.to_pixel(an.lung(other)[0], mid_y))
+    return gap > _REGION_LEVEL
+
+
+def _draw_effusion(scene, p):
+    """Fluid filling each affected costophrenic angle up to a meniscus that rises towards the chest wall.
+    Returns the fluid's mask."""
+    f32 = np.float32
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
+    x, y = cv.x, cv.y
+    region = np.zeros(x.shape, bool)
+    p["fluid_top_px"] = {}
+    for side in p["sides"]:
+        lung, _, half_width = scene.lungs[side]
+        lung_x, _ = an.lung(side)
+        lateral = _unit((x - f32(lung_x)) * f32(_SIGN[side] / half_width) * f32(0.5) + f32(0.5))
+        cp_angle = an.dome[side] + 0.2 * 1.15**2
+        level = {"small": cp_angle - 0.17, "moderate": an.dome[side] - 0.12,
+                 "large": an.dome[side] - 0.42}[p["sizes"][side]]
+        meniscus = f32(level) + f32(0.2) * (1 - lateral) ** 2
+        fluid = _unit((y - meniscus) * f32(1 / 0.06)) * lung
+        attenuation += fluid * (1 - scene.heart) * f32(0.47)
+        region |= fluid > _REGION_LEVEL
+        p["fluid_top_px"][side] = float(cv.to_pixel(lung_x, level)[1])
+    return region
+
+
+def _pneumonia_center(rng, an, side, lobe_index, half_width):
+    """Thorax coordinates of a pneumonia focus in the upper (0), middle / lingula (1) or lower (2) lobe."""
+    s = _SIGN[side]
+    lung_x, _ = an.lung(side)
+    if lobe_index == 0:  # upper lobe, bounded below by the horizontal fissure on the right
+        return lung_x + s * rng.uniform(-0.1, 0.25) * half_width, an.apex + rng.uniform(0.25, 0.4)
+    if lobe_index == 1:  # middle lobe / lingula, against the heart border
+        return s * (an.heart_right if s < 0 else an.heart_left) + an.heart_cx + s * 0.08, 0.15
+    return lung_x + s * rng.uniform(0.0, 0.3) * half_width, an.dome[side] - rng.uniform(0.08, 0.16)
+
+
+def _draw_pneumonia(rng, scene, p):
+    """Fluffy consolidation around each focus, with a sharp edge along the minor fissure on the right and
+    optional air bronchograms. Returns the union of the foci's masks."""
+    f32 = np.float32
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
+    x, y = cv.x, cv.y
+    region = np.zeros(x.shape, bool)
+    for focus in p["foci"]:
+        side, lobe_index = focus["side"], focus["lobe_index"]
+        lung, _, half_width = scene.lungs[side]
+        hilum_y = an.hilum(side)[1]
+        cx, cy = _pneumonia_center(rng, an, side, lobe_index, half_width)
+        radius = focus["radius"]
+        envelope = np.exp(-((x - f32(cx)) ** 2 + (y - f32(cy)) ** 2) * f32(1 / (2 * (0.75 * radius) ** 2)))
+        fluffy = f32(1.0) + f32(0.4) * scene.patchiness + f32(0.35) * scene.mottle
+        opacity = _unit((envelope * fluffy - f32(0.3)) * f32(1.5)) * lung
+        patch = opacity * (f32(1) - f32(0.7) * scene.heart)
+        if side == "right" and lobe_index in (0, 1):  # the minor fissure gives a sharp edge
+            fissure = cv.edge((f32(hilum_y) - y) if lobe_index == 0 else (y - f32(hilum_y)))
+            patch *= fissure
+            opacity = opacity * fissure
+        attenuation += patch * f32(focus["density"])
+        if focus["air_bronchograms"]:
+            bronchi = _unit(f32(1) - scene.vessel_ridge * f32(0.7))
+            attenuation -= bronchi * _unit(patch * f32(2) - f32(1)) * f32(0.18)
+        # The patch's soft edge is its own density ramp: a fifth of the peak already reads as opacity.
+        region |= opacity > f32(0.2)
+        focus["center_px"] = tuple(float(c) for c in cv.to_pixel(cx, cy))
+        focus["radius_px"] = float(radius * cv.px_per_unit())
+    return region
+
+
+def _draw_nodule(rng, scene, lesion, region):
+    """A round, well-defined opacity (projected sphere) placed in the chosen lung zone, drawn on a local window
+    only; marks its disc in ``region``."""
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     side, s = lesion["side"], _SIGN[lesion["side"]]
-    xc, a = an.lung(side)
+    lung_x, half_width = an.lung(side)
     dome = an.dome[side]
-    y_zone = {"upper": (an.apex + 0.25, -0.25), "mid": (-0.2, 0.05), "lower": (0.05, dome - 0.1)}
-    cy = rng.uniform(*y_zone[lesion["zone"]])
+    zone_rows = {"upper": (an.apex + 0.25, -0.25), "mid": (-0.2, 0.05), "lower": (0.05, dome - 0.1)}
+    cy = rng.uniform(*zone_rows[lesion["zone"]])
     # Lateral part of the lung, so that the heart never hides it.
-    cx = xc + s * rng.uniform(0.05, 0.5) * a * (0.75 if lesion["zone"] == "upper" else 1.0)
-    R = lesion["diameter_cm"] * CM / 2
+    cx = lung_x + s * rng.uniform(0.05, 0.5) * half_width * (0.75 if lesion["zone"] == "upper" else 1.0)
+    radius = lesion["diameter_cm"] * CM / 2
     ccol, crow = cv.to_pixel(cx, cy)
-    ppu = cv.px_per_unit()
-    half = int(R * ppu * 1.3) + 3
+    px_per_unit = cv.px_per_unit()
+    half = int(radius * px_per_unit * 1.3) + 3
     r0, r1 = max(int(crow) - half, 0), min(int(crow) + half + 1, cv.size)
     c0, c1 = max(int(ccol) - half, 0), min(int(ccol) + half + 1, cv.size)
     x, y = cv.x[r0:r1, c0:c1], cv.y[r0:r1, c0:c1]
     dx, dy = x - np.float32(cx), y - np.float32(cy)
     rr = np.sqrt(dx * dx + dy * dy)
-    Reff = np.float32(R)
+    edge_radius = np.float32(radius)
     if lesion["lobulated"]:
         angle = np.arctan2(dy, dx) * np.float32(5) + np.float32(rng.uniform(0, 2 * np.pi))
-        Reff = Reff * (1 + np.float32(0.1) * np.cos(angle))
-    sphere = np.sqrt(_unit(1 - (rr / Reff) ** 2))
-    rim = cv.edge(Reff - rr)
+        edge_radius = edge_radius * (1 + np.float32(0.1) * np.cos(angle))
+    sphere = np.sqrt(_unit(1 - (rr / edge_radius) ** 2))
+    rim = cv.edge(edge_radius - rr)
     density = 0.3 if lesion["kind"] == "nodule" else 0.36
     # Still visible (fainter) where it projects over the heart or the mediastinum.
-    visible = np.maximum(lung_any[r0:r1, c0:c1], np.float32(0.3))
-    A[r0:r1, c0:c1] += (np.float32(0.45) * rim + np.float32(0.55) * sphere) * np.float32(density) * visible
+    visible = np.maximum(scene.lung_any[r0:r1, c0:c1], np.float32(0.3))
+    attenuation[r0:r1, c0:c1] += (np.float32(0.45) * rim + np.float32(0.55) * sphere) * np.float32(density) * visible
+    region[r0:r1, c0:c1] |= rim > _REGION_LEVEL
     lesion["center_px"] = (float(ccol), float(crow))
-    lesion["radius_px"] = float(R * ppu)
+    lesion["radius_px"] = float(radius * px_per_unit)
 
 
-def _draw_atelectasis(rng, cv, A, an, p, lungs, heart, dx, dy):
+def _draw_edema(rng, scene, severity):
+    """Bat-wing haze, dense around the hila and sparing the periphery, and Kerley B lines: short horizontal lines
+    reaching the lateral pleura at the bases. Returns the union of the haze's and the lines' zones."""
+    f32 = np.float32
+    cv, attenuation = scene.canvas, scene.attenuation
+    y = cv.y
+    haze_amp, kerley_amp = {"mild": (0.1, 0.1), "moderate": (0.2, 0.09), "severe": (0.3, 0.07)}[severity]
+    bat_wing = np.exp(-((scene.hilar_dx - f32(0.05)) * f32(1 / 0.32)) ** 2 - (scene.hilar_dy * f32(1 / 0.36)) ** 2)
+    attenuation += bat_wing * (f32(0.75) + f32(0.35) * scene.patchiness) * scene.lung_any * f32(haze_amp)
+    region = bat_wing * scene.lung_any > _REGION_LEVEL
+    lines = np.cos(y * f32(2 * np.pi / 0.03) + f32(rng.uniform(0, 2 * np.pi)))
+    lines = _unit(lines * f32(1.4) - f32(0.4))
+    for side in ("right", "left"):
+        lung, rho2, _ = scene.lungs[side]
+        basal_rim = _unit((rho2 - f32(0.72)) * f32(10)) * _unit(y * f32(4))
+        attenuation += lines * basal_rim * lung * f32(kerley_amp)
+        region |= basal_rim * lung > _REGION_LEVEL
+    return region
+
+
+def _draw_atelectasis(rng, scene, p):
+    """Plate-like atelectasis (a thin oblique band in the lower zone) or lobar collapse (a dense triangle from the
+    hilum). Returns its mask."""
+    cv, an, attenuation = scene.canvas, scene.anatomy, scene.attenuation
     side = p["side"]
-    lung, _, a = lungs[side]
+    lung, _, half_width = scene.lungs[side]
     s = _SIGN[side]
     x, y = cv.x, cv.y
     f32 = np.float32
     if p["kind"] == "plate":
-        # Thin, slightly oblique band in the lower zone reaching towards the lateral pleura.
-        xc, _ = an.lung(side)
-        x0, y0 = xc + s * rng.uniform(0.0, 0.25) * a, an.dome[side] - rng.uniform(0.07, 0.16)
-        ang = math.radians(rng.uniform(-15, 15))
-        half_len, thick = rng.uniform(0.12, 0.2), rng.uniform(0.014, 0.024)
-        along = (x - f32(x0)) * f32(math.cos(ang)) + (y - f32(y0)) * f32(math.sin(ang))
-        perp = (y - f32(y0)) * f32(math.cos(ang)) - (x - f32(x0)) * f32(math.sin(ang))
-        band = _unit(1 - (perp * f32(1 / thick)) ** 2) * cv.edge(f32(half_len) - np.abs(along))
-        A += band * lung * (f32(1) - heart) * f32(0.32)
+        lung_x, _ = an.lung(side)
+        x0, y0 = lung_x + s * rng.uniform(0.0, 0.25) * half_width, an.dome[side] - rng.uniform(0.07, 0.16)
+        angle = math.radians(rng.uniform(-15, 15))
+        half_length, thickness = rng.uniform(0.12, 0.2), rng.uniform(0.014, 0.024)
+        along = (x - f32(x0)) * f32(math.cos(angle)) + (y - f32(y0)) * f32(math.sin(angle))
+        across = (y - f32(y0)) * f32(math.cos(angle)) - (x - f32(x0)) * f32(math.sin(angle))
+        band = _unit(1 - (across * f32(1 / thickness)) ** 2) * cv.edge(f32(half_length) - np.abs(along))
+        band = band * lung
+        attenuation += band * (f32(1) - scene.heart) * f32(0.32)
         p["center_px"] = tuple(float(c) for c in cv.to_pixel(x0, y0))
-        return
-    # Lobar collapse: a dense triangle with its apex at the hilum and a sharp border along the
-    # displaced fissure (medial base for the lower lobe, medial apex for the upper lobe).
-    side_mask = (x - f32(an.shift)) * f32(s) > 0
-    hx, hy = an.hilum(side)
+        return band > _REGION_LEVEL
+    # Lobar collapse: a dense triangle with its apex at the hilum and a sharp border along the displaced fissure
+    # (medial base for the lower lobe, medial apex for the upper lobe).
+    same_side = (x - f32(an.shift)) * f32(s) > 0
+    hilum_x, hilum_y = an.hilum(side)
     # A point well inside the triangle, straight above / below the hilum.
-    inside_y = hy + (0.25 if p["kind"] == "lower lobe" else -0.3)
-    p["center_px"] = tuple(float(c) for c in cv.to_pixel(hx, inside_y))
+    inside_y = hilum_y + (0.25 if p["kind"] == "lower lobe" else -0.3)
+    p["center_px"] = tuple(float(c) for c in cv.to_pixel(hilum_x, inside_y))
+    dx, dy = scene.hilar_dx, scene.hilar_dy
     if p["kind"] == "lower lobe":
         tan_a = f32(math.tan(math.radians(rng.uniform(18, 30))))
-        wedge = cv.edge((dy * tan_a - dx) * f32(0.9)) * (dy > 0)
-        A += wedge * side_mask * lung * (f32(1) - f32(0.5) * heart) * f32(0.3)
+        wedge = cv.edge((dy * tan_a - dx) * f32(0.9)) * (dy > 0) * same_side * lung
+        attenuation += wedge * (f32(1) - f32(0.5) * scene.heart) * f32(0.3)
     else:
         tan_b = f32(math.tan(math.radians(rng.uniform(12, 25))))
-        wedge = cv.edge((-dy * tan_b - dx) * f32(0.8)) * (dy < 0)
-        A += wedge * side_mask * lung * (f32(1) - heart) * f32(0.3)
+        wedge = cv.edge((-dy * tan_b - dx) * f32(0.8)) * (dy < 0) * same_side * lung
+        attenuation += wedge * (f32(1) - scene.heart) * f32(0.3)
+    return wedge > _REGION_LEVEL
+
+
+def _draw_ribs(rng, cv, attenuation, an):
+    """Posterior ribs arch upwards from the spine and curve down laterally; anterior ribs run the other way,
+    fainter. Both are periodic bands along a curved coordinate whose spacing widens caudally; clamping the
+    coordinate ends each family (a clamped value draws no rib)."""
+    f32 = np.float32
+    x_abs, y = np.abs(cv.x), cv.y
+    x_abs2 = x_abs * x_abs
+    cage = cv.edge(f32(an.half_width + 0.05) - x_abs) * _unit((y - f32(an.apex - 0.2)) * f32(8))
+    rib_gap = rng.uniform(0.085, 0.1)
+    q = y + f32(0.25) * x_abs - f32(0.85) * x_abs2 - f32(an.apex - 0.12)
+    posterior = np.clip(q * (f32(1.15 / rib_gap) - q * f32(0.12 / rib_gap)), _ZERO, f32(10))  # 10 ribs
+    w = (posterior - np.floor(posterior) - f32(0.3)) * f32(1 / 0.24)
+    w *= w
+    posterior_rib = _unit(1 - w * w) * _unit((x_abs - f32(0.06)) * f32(20))  # flat-topped bars
+    anterior = np.clip((y + f32(0.5) * x_abs - f32(0.25) * x_abs2 - f32(an.apex)) * f32(1 / (rib_gap * 1.3)),
+                       _ZERO, f32(6))
+    w = (anterior - np.floor(anterior) - f32(0.5)) * f32(1 / 0.22)
+    anterior_rib = _unit(1 - w * w) * _unit((x_abs - f32(0.2)) * f32(8))
+    attenuation += (posterior_rib * f32(0.075) + anterior_rib * f32(0.035)) * cage
+
+
+def _draw_clavicles(cv, attenuation, an):
+    """Gently S-shaped bars from the sternal notch up to the acromion; drawn only on the rows they can reach."""
+    f32 = np.float32
+    rows = cv.rows(an.apex - 0.25, an.apex + 0.25)
+    x_abs, y, attenuation_top = np.abs(cv.x[rows]), cv.y[rows], attenuation[rows]
+    t = x_abs - f32(0.09)
+    w = (y - f32(an.apex + 0.12) + f32(0.3) * t - f32(0.04) * np.sin(t * f32(np.pi / 0.3))) * f32(1 / 0.04)
+    clavicle = np.sqrt(_unit(1 - w * w)) * cv.edge(t) * cv.edge(f32(an.half_width + 0.08) - x_abs)
+    attenuation_top += clavicle * f32(0.14)
+
+
+def _expose(rng, attenuation, patchiness):
+    """Attenuation -> uint8 pixels: exposure, quantum mottle, noise and a random gamma."""
+    f32 = np.float32
+    size = attenuation.shape[0]
+    lo, gain = rng.uniform(0.0, 0.07), rng.uniform(1.0, 1.2)
+    r0, c0 = rng.integers(0, size, 2)
+    noise = _noise_tile(size)[r0:r0 + size, c0:c0 + size]
+    img = (attenuation - f32(lo)) * f32(gain) + patchiness * f32(0.01) + noise * f32(rng.uniform(0.008, 0.025))
+    gamma_lut = ((np.arange(256) / 255.0) ** rng.uniform(0.85, 1.2) * 255 + 0.5).astype(np.uint8)
+    return gamma_lut[(_unit(img) * f32(255) + f32(0.5)).astype(np.uint8)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -767,152 +884,183 @@ def _cap(text):
 
 def _describe(rng, name, p, attrs):
     """(findings sentence, impression phrase) for one present finding."""
-    pick = functools.partial(_pick, rng)
-    if name == "Cardiomegaly":
-        sev = p["severity"]
-        ratio = attrs["heart_width_ratio"]
+    return _DESCRIBERS[name](functools.partial(_pick, rng), p, attrs)
+
+
+def _describe_cardiomegaly(pick, p, attrs):
+    """The enlarged heart, by severity or cardiothoracic ratio."""
+    sev = p["severity"]
+    ratio = attrs["heart_width_ratio"]
+    sentence = pick((
+        f"The cardiac silhouette is {sev}ly enlarged.",
+        f"The cardiac silhouette is enlarged, with a cardiothoracic ratio of approximately {ratio:.2f}.",
+        f"There is {sev} enlargement of the cardiac silhouette.",
+        f"The heart is {sev}ly enlarged.",
+        f"Enlarged cardiac silhouette, cardiothoracic ratio about {round(ratio * 100)}%.",
+        f"{_cap(sev)} cardiomegaly.",
+    ))
+    impression = pick((f"{sev} cardiomegaly", "cardiomegaly", "enlarged cardiac silhouette",
+                       f"{sev} enlargement of the cardiac silhouette"))
+    return sentence, impression
+
+
+def _describe_pleural_effusion(pick, p, attrs):
+    """One or both effusions, with their sizes."""
+    sides, sizes = p["sides"], p["sizes"]
+    if len(sides) == 2:
+        sz = sizes["right"] if sizes["right"] == sizes["left"] else "small to moderate" \
+            if {"small", "moderate"} == set(sizes.values()) else "asymmetric"
         sentence = pick((
-            f"The cardiac silhouette is {sev}ly enlarged.",
-            f"The cardiac silhouette is enlarged, with a cardiothoracic ratio of approximately {ratio:.2f}.",
-            f"There is {sev} enlargement of the cardiac silhouette.",
-            f"The heart is {sev}ly enlarged.",
-            f"Enlarged cardiac silhouette, cardiothoracic ratio about {round(ratio * 100)}%.",
-            f"{_cap(sev)} cardiomegaly.",
+            f"There are {sz} bilateral pleural effusions, {sizes['right']} on the right and "
+            f"{sizes['left']} on the left.",
+            "Blunting of both costophrenic angles with meniscus-shaped basal opacities, "
+            f"{sizes['right']} on the right and {sizes['left']} on the left.",
+            f"Bilateral layering pleural fluid, {sizes['right']} on the right and {sizes['left']} "
+            "on the left, obscuring the hemidiaphragms.",
         ))
-        impression = pick((f"{sev} cardiomegaly", "cardiomegaly", "enlarged cardiac silhouette",
-                           f"{sev} enlargement of the cardiac silhouette"))
+        impression = pick((f"{sz} bilateral pleural effusions", "bilateral pleural effusions",
+                           "bilateral pleural fluid"))
         return sentence, impression
-    if name == "Pleural Effusion":
-        sides, sizes = p["sides"], p["sizes"]
-        if len(sides) == 2:
-            sz = sizes["right"] if sizes["right"] == sizes["left"] else "small to moderate" \
-                if {"small", "moderate"} == set(sizes.values()) else "asymmetric"
-            sentence = pick((
-                f"There are {sz} bilateral pleural effusions, {sizes['right']} on the right and "
-                f"{sizes['left']} on the left.",
-                "Blunting of both costophrenic angles with meniscus-shaped basal opacities, "
-                f"{sizes['right']} on the right and {sizes['left']} on the left.",
-                f"Bilateral layering pleural fluid, {sizes['right']} on the right and {sizes['left']} "
-                "on the left, obscuring the hemidiaphragms.",
-            ))
-            impression = pick((f"{sz} bilateral pleural effusions", "bilateral pleural effusions",
-                               "bilateral pleural fluid"))
-            return sentence, impression
-        side = sides[0]
-        sz = sizes[side]
-        variants = [
-            f"There is a {sz} {side} pleural effusion.",
-            f"Blunting of the {side} costophrenic angle with a meniscus, consistent with a {sz} effusion.",
-            f"A {sz} {side} pleural effusion with a meniscus along the lateral chest wall.",
-            f"Homogeneous opacity at the {side} base with a concave upper border (meniscus), "
-            f"in keeping with {sz} pleural fluid.",
-        ]
-        if sz == "small":
-            variants.append(f"Blunting of the {side} costophrenic angle, likely a small effusion.")
-        else:
-            variants.append(f"{_cap(sz)} {side} pleural effusion obscuring the {side} hemidiaphragm.")
-        impression = pick((f"{sz} {side} pleural effusion", f"{side} pleural effusion",
-                           f"{sz} {side} effusion"))
-        return pick(variants), impression
-    if name == "Pneumothorax":
-        side, sz, gap = p["side"], p["size"], p["apical_gap_cm"]
+    side = sides[0]
+    sz = sizes[side]
+    variants = [
+        f"There is a {sz} {side} pleural effusion.",
+        f"Blunting of the {side} costophrenic angle with a meniscus, consistent with a {sz} effusion.",
+        f"A {sz} {side} pleural effusion with a meniscus along the lateral chest wall.",
+        f"Homogeneous opacity at the {side} base with a concave upper border (meniscus), "
+        f"in keeping with {sz} pleural fluid.",
+    ]
+    if sz == "small":
+        variants.append(f"Blunting of the {side} costophrenic angle, likely a small effusion.")
+    else:
+        variants.append(f"{_cap(sz)} {side} pleural effusion obscuring the {side} hemidiaphragm.")
+    impression = pick((f"{sz} {side} pleural effusion", f"{side} pleural effusion",
+                       f"{sz} {side} effusion"))
+    return pick(variants), impression
+
+
+def _describe_pneumothorax(pick, p, attrs):
+    """The side, size and apical gap of the pneumothorax."""
+    side, sz, gap = p["side"], p["size"], p["apical_gap_cm"]
+    sentence = pick((
+        f"There is a {sz} {side} pneumothorax.",
+        f"A visceral pleural line is seen at the {side} apex with absent lung markings peripherally, "
+        f"consistent with a {sz} pneumothorax.",
+        f"{_cap(side)} apical and lateral lucency devoid of lung markings, with a visible visceral pleural line.",
+        f"{_cap(sz)} {side} pneumothorax, with the visceral pleural line approximately {gap:.1f} cm "
+        "from the apex of the chest wall.",
+        f"Visceral pleural line in the {side} hemithorax with a lucent rim without lung markings laterally.",
+    ))
+    impression = pick((f"{sz} {side} pneumothorax", f"{side} pneumothorax",
+                       f"{side} apical pneumothorax"))
+    return sentence, impression
+
+
+def _describe_pneumonia(pick, p, attrs):
+    """Each focus by lobe, with air bronchograms and a silhouetted heart border."""
+    sentences, impressions = [], []
+    for f in p["foci"]:
+        lobe = f["lobe"]
+        bronch = " with air bronchograms" if f["air_bronchograms"] else ""
+        border = ""
+        if f["lobe_index"] == 1:
+            border = f", obscuring the {f['side']} heart border"
+        sentences.append(pick((
+            f"Patchy airspace opacity in the {lobe}{bronch}{border}.",
+            f"There is consolidation in the {lobe}{bronch}{border}.",
+            f"Focal airspace consolidation involving the {lobe}{bronch}.",
+            f"Ill-defined airspace opacities in the {lobe}{border}{bronch}.",
+            f"{_cap(lobe)} consolidation{bronch}.",
+        )))
+        impressions.append(pick((f"{lobe} pneumonia", f"{lobe} consolidation, likely pneumonia",
+                                 f"airspace disease in the {lobe}, compatible with pneumonia",
+                                 f"{lobe} consolidation")))
+    return " ".join(sentences), "; ".join(impressions)
+
+
+def _describe_nodule(pick, p, attrs):
+    """Each lesion by size, side, zone and margin."""
+    sentences, impressions = [], []
+    for les in p["lesions"]:
+        cm, side, kind = les["diameter_cm"], les["side"], les["kind"]
+        zone = pick(_ZONE_WORDS[les["zone"]])
+        margin = "lobulated" if les["lobulated"] else pick(("well-defined", "well-circumscribed",
+                                                            "smoothly marginated"))
+        sentences.append(pick((
+            f"A {cm:.1f} cm rounded opacity in the {side} {zone}.",
+            f"There is a {margin} {cm:.1f} cm {kind} in the {side} {zone}.",
+            f"{_cap(margin)} round opacity measuring {cm:.1f} cm projecting over the {side} {zone}.",
+            f"A {cm:.1f} cm {margin} {kind} is seen in the {side} {zone}.",
+        )))
+        impressions.append(pick((f"{cm:.1f} cm {side} {zone} {kind}",
+                                 f"{side} {zone} {kind}, further evaluation with CT is recommended",
+                                 f"{kind} in the {side} {zone}")))
+    return " ".join(sentences), "; ".join(impressions)
+
+
+def _describe_edema(pick, p, attrs):
+    """Interstitial (mild) or alveolar edema."""
+    sev = p["severity"]
+    if sev == "mild":
         sentence = pick((
-            f"There is a {sz} {side} pneumothorax.",
-            f"A visceral pleural line is seen at the {side} apex with absent lung markings peripherally, "
-            f"consistent with a {sz} pneumothorax.",
-            f"{_cap(side)} apical and lateral lucency devoid of lung markings, with a visible visceral pleural line.",
-            f"{_cap(sz)} {side} pneumothorax, with the visceral pleural line approximately {gap:.1f} cm "
-            "from the apex of the chest wall.",
-            f"Visceral pleural line in the {side} hemithorax with a lucent rim without lung markings laterally.",
+            "Mild interstitial edema with Kerley B lines at the lung bases.",
+            "Peribronchial cuffing and septal lines at both bases, consistent with interstitial edema.",
+            "Prominent pulmonary vasculature with mild perihilar haziness and Kerley B lines.",
+            "Mild pulmonary vascular congestion with basal septal lines.",
         ))
-        impression = pick((f"{sz} {side} pneumothorax", f"{side} pneumothorax",
-                           f"{side} apical pneumothorax"))
-        return sentence, impression
-    if name == "Pneumonia":
-        sentences, impressions = [], []
-        for f in p["foci"]:
-            lobe = f["lobe"]
-            bronch = " with air bronchograms" if f["air_bronchograms"] else ""
-            border = ""
-            if f["lobe_index"] == 1:
-                border = f", obscuring the {f['side']} heart border"
-            sentences.append(pick((
-                f"Patchy airspace opacity in the {lobe}{bronch}{border}.",
-                f"There is consolidation in the {lobe}{bronch}{border}.",
-                f"Focal airspace consolidation involving the {lobe}{bronch}.",
-                f"Ill-defined airspace opacities in the {lobe}{border}{bronch}.",
-                f"{_cap(lobe)} consolidation{bronch}.",
-            )))
-            impressions.append(pick((f"{lobe} pneumonia", f"{lobe} consolidation, likely pneumonia",
-                                     f"airspace disease in the {lobe}, compatible with pneumonia",
-                                     f"{lobe} consolidation")))
-        return " ".join(sentences), "; ".join(impressions)
-    if name == "Nodule":
-        sentences, impressions = [], []
-        for les in p["lesions"]:
-            cm, side, kind = les["diameter_cm"], les["side"], les["kind"]
-            zone = pick(_ZONE_WORDS[les["zone"]])
-            margin = "lobulated" if les["lobulated"] else pick(("well-defined", "well-circumscribed",
-                                                                "smoothly marginated"))
-            sentences.append(pick((
-                f"A {cm:.1f} cm rounded opacity in the {side} {zone}.",
-                f"There is a {margin} {cm:.1f} cm {kind} in the {side} {zone}.",
-                f"{_cap(margin)} round opacity measuring {cm:.1f} cm projecting over the {side} {zone}.",
-                f"A {cm:.1f} cm {margin} {kind} is seen in the {side} {zone}.",
-            )))
-            impressions.append(pick((f"{cm:.1f} cm {side} {zone} {kind}",
-                                     f"{side} {zone} {kind}, further evaluation with CT is recommended",
-                                     f"{kind} in the {side} {zone}")))
-        return " ".join(sentences), "; ".join(impressions)
-    if name == "Edema":
-        sev = p["severity"]
-        if sev == "mild":
-            sentence = pick((
-                "Mild interstitial edema with Kerley B lines at the lung bases.",
-                "Peribronchial cuffing and septal lines at both bases, consistent with interstitial edema.",
-                "Prominent pulmonary vasculature with mild perihilar haziness and Kerley B lines.",
-                "Mild pulmonary vascular congestion with basal septal lines.",
-            ))
-            impression = pick(("mild interstitial edema", "mild pulmonary edema",
-                               "pulmonary vascular congestion with interstitial edema"))
-        else:
-            sentence = pick((
-                f"{_cap(sev)} bilateral perihilar haziness in a bat-wing distribution, consistent with pulmonary edema.",
-                f"Bilateral perihilar hazy opacities with vascular congestion, in keeping with {sev} pulmonary edema.",
-                f"There is {sev} pulmonary edema with bat-wing perihilar opacity and sparing of the periphery.",
-                f"Bilateral symmetric perihilar haziness and peribronchial cuffing, consistent with {sev} alveolar edema.",
-            ))
-            impression = pick((f"{sev} pulmonary edema", "pulmonary edema",
-                               f"{sev} pulmonary edema, likely cardiogenic"))
-        return sentence, impression
-    if name == "Atelectasis":
-        side, kind = p["side"], p["kind"]
-        if kind == "plate":
-            base = pick((f"{side} base", f"{side} lower zone", f"{side} lung base"))
-            elevated = ""
-            if p["diaphragm_elevation"] > 0.03:
-                elevated = " with slight elevation of the ipsilateral hemidiaphragm"
-            sentence = pick((
-                f"Plate-like atelectasis at the {base}{elevated}.",
-                f"A linear opacity at the {base}, consistent with discoid atelectasis.",
-                f"Band-like opacity in the {base} in keeping with subsegmental atelectasis{elevated}.",
-                f"Linear opacities at the {base}, likely atelectasis.",
-            ))
-            impression = pick((f"{side} basal atelectasis", f"plate-like atelectasis at the {side} base",
-                               f"subsegmental atelectasis, {side} base"))
-            return sentence, impression
-        lobe = f"{side} {kind}"
+        impression = pick(("mild interstitial edema", "mild pulmonary edema",
+                           "pulmonary vascular congestion with interstitial edema"))
+    else:
         sentence = pick((
-            f"Triangular opacity in the {lobe} with elevation of the {side} hemidiaphragm and mediastinal "
-            f"shift to the {side}, consistent with {lobe} collapse.",
-            f"{_cap(lobe)} collapse with volume loss: elevated {side} hemidiaphragm and shift of the "
-            f"mediastinum to the {side}.",
-            f"Dense wedge-shaped opacity at the {side} {'base' if kind == 'lower lobe' else 'apex'} with volume loss, "
-            f"compatible with {lobe} atelectasis.",
+            f"{_cap(sev)} bilateral perihilar haziness in a bat-wing distribution, consistent with pulmonary edema.",
+            f"Bilateral perihilar hazy opacities with vascular congestion, in keeping with {sev} pulmonary edema.",
+            f"There is {sev} pulmonary edema with bat-wing perihilar opacity and sparing of the periphery.",
+            f"Bilateral symmetric perihilar haziness and peribronchial cuffing, consistent with {sev} alveolar edema.",
         ))
-        impression = pick((f"{lobe} collapse", f"{lobe} atelectasis", f"{lobe} atelectasis with volume loss"))
+        impression = pick((f"{sev} pulmonary edema", "pulmonary edema",
+                           f"{sev} pulmonary edema, likely cardiogenic"))
+    return sentence, impression
+
+
+def _describe_atelectasis(pick, p, attrs):
+    """Plate-like atelectasis at a base, or lobar collapse with volume loss."""
+    side, kind = p["side"], p["kind"]
+    if kind == "plate":
+        base = pick((f"{side} base", f"{side} lower zone", f"{side} lung base"))
+        elevated = ""
+        if p["diaphragm_elevation"] > 0.03:
+            elevated = " with slight elevation of the ipsilateral hemidiaphragm"
+        sentence = pick((
+            f"Plate-like atelectasis at the {base}{elevated}.",
+            f"A linear opacity at the {base}, consistent with discoid atelectasis.",
+            f"Band-like opacity in the {base} in keeping with subsegmental atelectasis{elevated}.",
+            f"Linear opacities at the {base}, likely atelectasis.",
+        ))
+        impression = pick((f"{side} basal atelectasis", f"plate-like atelectasis at the {side} base",
+                           f"subsegmental atelectasis, {side} base"))
         return sentence, impression
-    raise KeyError(name)
+    lobe = f"{side} {kind}"
+    sentence = pick((
+        f"Triangular opacity in the {lobe} with elevation of the {side} hemidiaphragm and mediastinal "
+        f"shift to the {side}, consistent with {lobe} collapse.",
+        f"{_cap(lobe)} collapse with volume loss: elevated {side} hemidiaphragm and shift of the "
+        f"mediastinum to the {side}.",
+        f"Dense wedge-shaped opacity at the {side} {'base' if kind == 'lower lobe' else 'apex'} with volume loss, "
+        f"compatible with {lobe} atelectasis.",
+    ))
+    impression = pick((f"{lobe} collapse", f"{lobe} atelectasis", f"{lobe} atelectasis with volume loss"))
+    return sentence, impression
+
+
+_DESCRIBERS = {
+    "Cardiomegaly": _describe_cardiomegaly,
+    "Pleural Effusion": _describe_pleural_effusion,
+    "Pneumothorax": _describe_pneumothorax,
+    "Pneumonia": _describe_pneumonia,
+    "Nodule": _describe_nodule,
+    "Edema": _describe_edema,
+    "Atelectasis": _describe_atelectasis,
+}
 
 
 _NORMAL_IMPRESSIONS = (
@@ -999,11 +1147,11 @@ def generate_phantom(rng, size=192, findings=None, *, prevalence=None, normal_fr
     anatomy = _sample_anatomy(rng)
     det = _sample_details(rng, present, anatomy)
     attrs = {}
-    image = _render(rng, size, anatomy, det, attrs)
+    image, regions = _render(rng, size, anatomy, det, attrs)
     attrs["findings"] = det
     report = _write_report(rng, present, det, attrs)
     labels = {**present, "No Finding": int(not any(present.values()))}
-    return PhantomCase(image=image, labels=labels, report=report, attributes=attrs)
+    return PhantomCase(image=image, labels=labels, report=report, attributes=attrs, regions=regions)
 
 
 def _case_rng(seed, split, index):
@@ -1018,12 +1166,20 @@ def _write_chunk(out_dir, split, start, stop, size, seed, prevalence, normal_fra
         case = generate_phantom(_case_rng(seed, split, index), size,
                                 prevalence=prevalence, normal_fraction=normal_fraction)
         rel = f"images/{split}/{index:06d}.png"
-        buffer = io.BytesIO()  # one write() per file: much cheaper than PIL's chunked file writes
-        Image.fromarray(case.image).save(buffer, format="PNG", compress_level=1)
-        with open(os.path.join(out_dir, rel), "wb") as fh:
-            fh.write(buffer.getbuffer())
-        records.append({"image": rel, "report": case.report, **case.labels})
+        _write_png(os.path.join(out_dir, rel), case.image)
+        regions = {}
+        for name, mask in case.regions.items():
+            regions[name] = f"images/{split}/{index:06d}_region_{name.lower().replace(' ', '_')}.png"
+            _write_png(os.path.join(out_dir, regions[name]), mask.astype(np.uint8) * 255)
+        records.append({"image": rel, "report": case.report, **case.labels, "regions": regions})
     return records
+
+
+def _write_png(path, pixels):
+    buffer = io.BytesIO()  # one write() per file: much cheaper than PIL's chunked file writes
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    with open(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def write_phantom_dataset(out_dir, n_train=3000, n_validation=300, n_test=600, size=192, seed=0,
@@ -1031,9 +1187,11 @@ def write_phantom_dataset(out_dir, n_train=3000, n_validation=300, n_test=600, s
     """Write a synthetic phantom dataset.
 
     Layout: ``out_dir/images/{split}/NNNNNN.png``, ``out_dir/{split}.jsonl`` (one record per image:
-    ``image`` path relative to ``out_dir``, ``report``, and 0/1 for every ``PHANTOM_LABELS`` name)
-    and ``out_dir/label_names.json``. Every image is a pure function of (seed, split, index), so the
-    test split is the same whatever ``n_train`` or ``num_workers`` are.
+    ``image`` path relative to ``out_dir``, ``report``, 0/1 for every ``PHANTOM_LABELS`` name, and
+    ``regions``: present finding -> path of its region mask, ``NNNNNN_region_<finding>.png`` beside
+    the image, 255 where the finding was drawn) and ``out_dir/label_names.json``. Every image is a
+    pure function of (seed, split, index), so the test split is the same whatever ``n_train`` or
+    ``num_workers`` are.
 
     Returns a summary dict: paths, counts and per-split label prevalence.
     """

@@ -1,9 +1,11 @@
 """Tests for the synthetic chest-radiograph phantoms (radz/phantom.py)."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from radz.phantom import (
     FINDING_PHRASES,
@@ -225,12 +227,21 @@ def test_write_phantom_dataset(tmp_path):
     for split, n in (("train", 10), ("validation", 3), ("test", 6)):
         rows = _read_jsonl(out / f"{split}.jsonl")
         assert len(rows) == n == summary["splits"][split]["n"]
-        assert len(list((out / "images" / split).glob("*.png"))) == n
+        masks = sum(len(row["regions"]) for row in rows)
+        assert len(list((out / "images" / split).glob("*.png"))) == n + masks
         for i, row in enumerate(rows):
-            assert set(row) == {"image", "report", *PHANTOM_LABELS}
+            assert set(row) == {"image", "report", "regions", *PHANTOM_LABELS}
             assert row["image"] == f"images/{split}/{i:06d}.png" and (out / row["image"]).is_file()
             assert row["No Finding"] == int(not any(row[n] for n in FINDINGS))
             assert all(row[n] in (0, 1) for n in PHANTOM_LABELS) and row["report"]
+            # One region mask per present finding, beside the image, equal to the case's own mask.
+            assert set(row["regions"]) == {n for n in FINDINGS if row[n]}
+            case = generate_phantom(np.random.default_rng([5, ("train", "validation", "test").index(split), i]), 128)
+            for name, path in row["regions"].items():
+                mask = np.asarray(Image.open(out / path))
+                assert path.startswith(f"images/{split}/{i:06d}_region_") and mask.shape == (128, 128)
+                assert set(np.unique(mask)) <= {0, 255}
+                assert np.array_equal(mask == 255, case.regions[name])
 
     # The test split does not depend on the size of the other splits, nor on the worker count.
     other = tmp_path / "b"
@@ -252,3 +263,99 @@ def test_cli(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"]["train"]["n"] == 3
     assert len(_read_jsonl(tmp_path / "test.jsonl")) == 2
+
+
+# Digests of 12 consecutive cases per (seed, size, forced findings), taken before the renderer was split into
+# per-structure helpers: the refactor (and the region masks added with it) must not change a pixel or a word.
+ALL_FINDINGS = {name: 1 for name in FINDINGS}
+PINNED = [
+    (0, 128, None, (
+        "e5532550f52ca49a", "e68768496262144e", "e97124f50c0b7aee", "2e526479b8f8ec1d",
+        "6b1d55f662b506bc", "e4db0e558a95cd82", "58a222f965ab34ab", "a5baec26f502ec6f",
+        "4c1ff35d63dc471f", "85dd79fe5e095607", "d14006e44dcd9604", "1f8eb9441d420604",
+    )),
+    (1, 192, None, (
+        "2c797a92c7a62e72", "04a60adf73472aa3", "3768bb0a20557c30", "f424f5620a33bed9",
+        "2590d593b8206185", "0924c86e800a472b", "b8e8b20161850e90", "56bf6b433d30393b",
+        "58c156344a3d3b4c", "2ae5c8cedaf62e05", "ed2b38a62ff72f36", "fbbcd59bfea8200a",
+    )),
+    (2, 96, None, (
+        "b3606bc45a4e2470", "54b1e961f8b2ed36", "10531d9d4a8d7257", "efd2f8fb53e90c61",
+        "b3887a07e3706625", "65e1b44a155fee5c", "1fb41e8b0fc10554", "8bd6e9404a240509",
+        "f1637b64bb411c8f", "bd3e8c2532cfad84", "18f3ecca0e6329b8", "a7f8900209b648b6",
+    )),
+    (5, 128, ALL_FINDINGS, (
+        "dc0df3c8ad1fbb79", "b2731d5a134bdd02", "965975c7e41e08a7", "f57b39aeb5ba7704",
+        "7cf064417a9c5721", "aa1af477db8a3c59", "d9df45c9e270aff6", "88ca82682d62e770",
+        "f80890f31eb53222", "f9953afe013197a6", "c4f845172d3ae315", "6823a308d3561905",
+    )),
+    (6, 160, {}, (
+        "ca6019a23648d6bd", "4358608655c13dbd", "5e7637f041c36073", "d2c34767ca88591f",
+        "1ca31cc12ea6bc8a", "99bed072e977c92a", "7747b0ba1567ea77", "9e4f43150a61ece0",
+        "b6b1cdbeef361eaa", "5b81b9eb204c1db8", "d43402436d7cf66b", "782b27587b549b77",
+    )),
+    (7, 128, {"Atelectasis": 1, "Pneumothorax": 1}, (
+        "e6f30612e7fdf59a", "09ffd64db69d9083", "a374b97597168eda", "16e284017d3c6a68",
+        "7d0f08f275bd7674", "d3e5fa7d661f3a5f", "d047b845506ab2c1", "62cd6cc91824f7f6",
+        "d9f5d462b26c8ce5", "f0312e0e40266a3a", "8043d048afeecf2b", "bec5bfb8d6f205f9",
+    )),
+]
+
+
+def _digest(case):
+    digest = hashlib.sha256(case.image.tobytes())
+    digest.update(case.report.encode())
+    digest.update(json.dumps(case.labels, sort_keys=True).encode())
+    digest.update(json.dumps(case.attributes, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("seed, size, findings, expected", PINNED)
+def test_pinned_cases(seed, size, findings, expected):
+    rng = np.random.default_rng(seed)
+    assert tuple(_digest(generate_phantom(rng, size, findings)) for _ in expected) == expected
+
+
+def _inside(mask, point):
+    column, row = (int(round(c)) for c in point)
+    return bool(mask[row, column])
+
+
+def test_regions_cover_what_was_drawn():
+    """Each finding's mask holds the point its attributes say it was drawn at, covers a plausible area, and the
+    pixels there differ from the same case drawn without the finding."""
+    rng = np.random.default_rng(21)
+    hits, total, empty = 0, 0, 0
+    for _ in range(30):
+        case = generate_phantom(rng, SIZE, ALL_FINDINGS)
+        assert set(case.regions) == set(FINDINGS)
+        findings = case.attributes["findings"]
+        points = [findings["Pneumothorax"]["gap_point_px"], findings["Atelectasis"]["center_px"]]
+        points += [lesion["center_px"] for lesion in findings["Nodule"]["lesions"]]
+        points += [focus["center_px"] for focus in findings["Pneumonia"]["foci"]]
+        regions = [case.regions[n] for n in ("Pneumothorax", "Atelectasis")]
+        regions += [case.regions["Nodule"]] * len(findings["Nodule"]["lesions"])
+        regions += [case.regions["Pneumonia"]] * len(findings["Pneumonia"]["foci"])
+        hits += sum(_inside(mask, point) for mask, point in zip(regions, points))
+        total += len(points)
+        for name, mask in case.regions.items():
+            assert mask.dtype == bool and mask.mean() < 0.4, (name, mask.mean())
+            empty += not mask.any()  # a thin plate of atelectasis can lie wholly behind a large heart
+        # The nodule's disc has the area of its reported diameter.
+        radius = sum(les["radius_px"] ** 2 for les in findings["Nodule"]["lesions"])
+        assert case.regions["Nodule"].sum() == pytest.approx(np.pi * radius, rel=0.35)
+        # The heart region spans the heart borders the report's cardiothoracic ratio is measured from.
+        heart = case.regions["Cardiomegaly"]
+        columns = np.flatnonzero(heart.any(axis=0))
+        borders = case.attributes["heart_px"]
+        assert columns[0] == pytest.approx(borders["right_border"], abs=3)
+        assert columns[-1] == pytest.approx(borders["left_border"], abs=3)
+    assert hits / total > 0.9 and empty <= 3
+    # Effusion: fluid at the bases, below the mid-line of the image.
+    rows = np.flatnonzero(case.regions["Pleural Effusion"].any(axis=1))
+    assert rows.min() > SIZE * 0.45
+
+
+def test_normal_case_has_no_regions():
+    case = generate_phantom(np.random.default_rng(0), SIZE, {})
+    assert case.regions == {}

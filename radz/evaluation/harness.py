@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from radz.datasets import DATASETS, dataset_metadata, load_split
 
+from .calibration import calibrate_checkpoint
 from .distributed import Shard, current_shard
 from .methods import METHODS, EvaluationError, build_scorer
 from .metrics import ORACLE_CAPTION, PROTOCOLS, SUMMARY_AUC_KEY, ThresholdChoice, compute_metrics
@@ -81,6 +82,7 @@ class EvaluationConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     reader_kwargs: dict = field(default_factory=dict)
+    calibrate: bool = False  # fit per-label Platt scaling on the validation split into the checkpoint
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)
@@ -342,6 +344,10 @@ def run_evaluation(config: EvaluationConfig) -> dict | None:
     if shard.world_size > 1 and method is not None and method.trained:
         raise EvaluationError(f"--method {config.method} trains before it scores; run it on one process "
                               "(python evaluate_radz.py), not under a multi-process launcher")
+    if config.calibrate and (config.method != "radz" or not config.multi_label or validation is None
+                             or len(config.templates or []) > 1):
+        raise EvaluationError("--calibrate fits per-label scores of --method radz --multi_label on the validation "
+                              "split (--threshold_protocol validation), for one template")
     scorer = build_scorer(config, train)
     _check_config(config, scorer)
 
@@ -407,6 +413,11 @@ def _evaluate_template(config, scorer, test, validation, out_dir, base, started,
     record.update(scorer.output_metrics(outputs, test.label_matrix, test.label_names))
     record["compute"] = compute_record(stats, started)
     text = write_run_outputs(out_dir, record, metrics, test, outputs)
+    if config.calibrate:
+        _, markdown = calibrate_checkpoint(config.model, scorer.template, config.use_knowledge, val_scores,
+                                           validation, outputs["score"], test, out_dir)
+        text += "\n" + markdown
+        (out_dir / "report.md").write_text(text)
     return json.loads((out_dir / "metrics.json").read_text()) | {"report_text": text}
 
 
