@@ -2,8 +2,8 @@
 checkpoint writes included, and resumed with `--resume_from_checkpoint latest` each time ends with the weights of an
 unbroken run; a half-written checkpoint is never visible under its final name.
 
-The runs are forked from the test process (no import cost per run): tiny model, phantom data (SYNTHETIC), a short
-tower stage, a checkpoint every step.
+The runs are spawned processes (a fork of a test process whose OpenMP pool has started hangs): tiny model, phantom
+data (SYNTHETIC), a short tower stage, a checkpoint every step.
 """
 
 import json
@@ -50,7 +50,7 @@ def _main(argv):
 
 
 def start(argv) -> multiprocessing.Process:
-    process = multiprocessing.get_context("fork").Process(target=_main, args=(argv,))
+    process = multiprocessing.get_context("spawn").Process(target=_main, args=(argv,))
     process.start()
     return process
 
