@@ -4,7 +4,7 @@
     accelerate launch train_radz.py --config tiny --train_file data.jsonl --knowledge chest.json \
         --output_dir out --max_steps 100 --per_device_train_batch_size 8 --report_to none
     accelerate launch train_radz.py --base_model llava-hf/llava-1.5-7b-hf --dataset_name mimic_cxr \
-        --data_dir /data/mimic-cxr --knowledge chest --bf16 --output_dir out --push_to_hub --hub_model_id me/radz
+        --data_dir /data/mimic-cxr --knowledge chexpert --bf16 --output_dir out --push_to_hub --hub_model_id me/radz
     python train_radz.py generate-knowledge ...      # radz-knowledge: write category descriptions
 
 Every `TrainingArguments` flag works (`--save_steps`, `--resume_from_checkpoint`, `--gradient_accumulation_steps`,

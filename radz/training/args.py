@@ -44,7 +44,7 @@ class ModelArguments:
     num_cls_tokens: int | None = field(default=None, metadata={"help": "Special tokens per modality (config default 8)."})
     dkam_lambda: float | None = field(default=None, metadata={"help": "λ in λ·L_CA + (1−λ)·L_CG (config default 0.5)."})
     alignment: str | None = field(
-        default=None, metadata={"help": "'cross' (paper) or 'global' InfoNCE; config default 'cross'."}
+        default=None, metadata={"help": "'global' (config default) or 'cross' (the paper's) InfoNCE."}
     )
     lora_r: int = field(
         default=16,
