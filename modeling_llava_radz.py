@@ -247,7 +247,11 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 f"{modality} pass: row {row} holds {int(counts[row])} special tokens, expected {n}; "
                 "build the inputs with LlavaRadZProcessor"
             )
-        input_states, states = self._llm_states(input_ids, attention_mask, pixel_values)
+        if return_states:
+            input_states = self._input_embeds(input_ids, pixel_values)
+            states = self._llm_states(input_ids, attention_mask, inputs_embeds=input_states)
+        else:
+            states = self._llm_states(input_ids, attention_mask, pixel_values)
         cls_states = states[cls_mask].view(len(states), n, -1)
         if self.config.pooling == "mean":
             pooled = cls_states.mean(dim=1)
@@ -268,14 +272,8 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
         """How many decoder layers the image and text passes run: `hidden_states[i]` is the output of layer i."""
         return self.config.feature_layer % (self.config.text_config.num_hidden_layers + 1)
 
-    def _llm_states(self, input_ids, attention_mask, pixel_values=None):
-        """`(inputs_embeds, hidden_states[feature_layer])` of the LLM, running only the decoder layers it needs.
-
-        The steps of `LlavaModel.forward` (image features in place of the `<image>` tokens) and of
-        `LlamaModel.forward` / `MistralModel.forward` (mask, rotary embeddings, layers), stopped at `feature_layer`:
-        with the default -2 the last layer and the LM head are never computed, and no other layer's states are
-        kept. Index `num_layers` (-1) is the last layer's output after the final norm.
-        """
+    def _input_embeds(self, input_ids, pixel_values=None):
+        """The LLM's input embeddings, the projected image features in place of the `<image>` tokens."""
         inner = self.llava.model
         inputs_embeds = inner.get_input_embeddings()(input_ids)
         if pixel_values is not None:
@@ -283,8 +281,20 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
             features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = inner.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, features)
+        return inputs_embeds
 
-        language_model = inner.language_model
+    def _llm_states(self, input_ids, attention_mask, pixel_values=None, inputs_embeds=None):
+        """`hidden_states[feature_layer]` of the LLM, running only the decoder layers it needs (from `inputs_embeds`
+        when given, else from `_input_embeds`).
+
+        The steps of `LlavaModel.forward` (image features in place of the `<image>` tokens) and of
+        `LlamaModel.forward` / `MistralModel.forward` (mask, rotary embeddings, layers), stopped at `feature_layer`:
+        with the default -2 the last layer and the LM head are never computed, and no other layer's states are
+        kept. Index `num_layers` (-1) is the last layer's output after the final norm.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self._input_embeds(input_ids, pixel_values)
+        language_model = self.llava.model.language_model
         num_layers, stop = language_model.config.num_hidden_layers, self.feature_layer_count()
         position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         sliding = getattr(language_model.config, "sliding_window", None) is not None
@@ -307,7 +317,7 @@ class LlavaRadZForZeroShotClassification(LlavaRadZPreTrainedModel):
                 cache=None,
                 use_cache=False,
             )
-        return inputs_embeds, language_model.norm(hidden_states) if stop == num_layers else hidden_states
+        return language_model.norm(hidden_states) if stop == num_layers else hidden_states
 
     def _encode(self, modality, input_ids, attention_mask, pixel_values=None) -> LlavaRadZFeatures:
         pooled, local = self._read_states(modality, input_ids, attention_mask, pixel_values)
