@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 HEATMAP_METHODS = ("similarity", "gradient")
-DEFAULT_METHOD = "gradient"
+# The pointing game on the make-demo model (SYNTHETIC): similarity 0.068 vs gradient 0.060 strict, 0.146 vs 0.120
+# within 8 px; a smaller model reversed the order (0.060 vs 0.070). The margin is a few findings of 383.
+DEFAULT_METHOD = "similarity"
 
 
 def label_heatmaps(model, classifier, model_inputs, method: str = DEFAULT_METHOD) -> torch.Tensor:
