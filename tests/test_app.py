@@ -20,13 +20,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from transformers import pipeline
 
-from conftest import REPO, TINY_KNOWLEDGE
-from radz.presets import tiny
+from conftest import REPO
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 LABELS = ["Cardiomegaly", "Pleural Effusion", "Nodule"]
@@ -34,14 +32,10 @@ DICOM = get_testdata_file("RG1_UNCR.dcm", download=False)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny checkpoint with a (hand-made) calibration for two of the three labels."""
-    torch.manual_seed(0)
-    model, processor = tiny()
-    processor.set_knowledge(TINY_KNOWLEDGE)
-    directory = tmp_path_factory.mktemp("app_checkpoint")
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+def checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with a (hand-made) calibration for two of the three labels."""
+    directory = tmp_path_factory.mktemp("app") / "checkpoint"
+    shutil.copytree(tiny_checkpoint, directory)
     config = json.loads((directory / "config.json").read_text())
     config["calibration"] = {
         "method": "platt",

@@ -1,5 +1,7 @@
 """modeling_llava_radz.py: the DFAT model, its losses, save and reload in a fresh process, and from_llava."""
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -12,7 +14,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from conftest import REPORTS, random_images, run_python
+from conftest import REPO, REPORTS, random_images, run_python
 from modeling_llava_radz import LlavaRadZForZeroShotClassification, alignment_loss, clip_loss
 from processing_llava_radz import LlavaRadZProcessor
 from radz.presets import build_tokenizer, tiny
@@ -134,11 +136,11 @@ print(torch.allclose(logits, expected, atol=1e-6), processor.num_image_tokens, s
 
 
 def test_checkpoint_carries_remote_code_that_imports_nothing_from_radz(tiny_checkpoint):
-    for name in (
-        "configuration_llava_radz.py", "modeling_llava_radz.py", "processing_llava_radz.py", "radiograph_llava_radz.py"
-    ):
+    remote_code = sorted(path.name for path in REPO.glob("*_llava_radz.py"))
+    assert len(remote_code) >= 12 and "modeling_llava_radz.py" in remote_code
+    for name in remote_code:  # every remote-code file travels, and none reaches into the package
         source = (tiny_checkpoint / name).read_text()
-        assert "radz." not in source.replace("llava_radz", ""), name
+        assert not re.search(r"^\s*(from|import)\s+\.?radz\b", source, re.MULTILINE), name
     assert (tiny_checkpoint / "model.safetensors").exists()
     assert not list(tiny_checkpoint.glob("*.bin")) and not list(tiny_checkpoint.glob("*.pt"))
 
