@@ -13,9 +13,15 @@ def bars(text: str, description: str) -> list[tuple[int, int]]:
     return [(int(done), int(total)) for done, total in re.findall(pattern, text)]
 
 
-def test_bootstrap_shows_its_resamples(capsys):
+def test_bootstrap_shows_its_resamples(capsys, monkeypatch):
+    import functools
+
+    from radz.evaluation import metrics
     from radz.evaluation.metrics import bootstrap_auc_ci
 
+    # leave=False clears the bar at close without a last redraw, and tqdm skips redraws within mininterval
+    # (0.1 s) of the previous one, so the final 200/200 appears only when every update is drawn.
+    monkeypatch.setattr(metrics, "tqdm", functools.partial(metrics.tqdm, mininterval=0))
     rng = np.random.default_rng(0)
     n_rows = 50_000  # several chunks of resamples
     bootstrap_auc_ci(rng.random(n_rows), (rng.random(n_rows) < 0.3).astype(float), n_boot=200)
