@@ -118,6 +118,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     knowledge_group.add_argument("--use_knowledge", dest="use_knowledge", action="store_true", default=True,
                                  help="radz: score labels with DKAM anchors where the knowledge base has them")
     knowledge_group.add_argument("--no_knowledge", dest="use_knowledge", action="store_false",
+                                 default=argparse.SUPPRESS,  # the default is --use_knowledge's
                                  help="radz: score every label by its prompt")
     method.add_argument("--templates", help="file with one prompt template per line ('{}' = label): each is "
                                             "evaluated separately; reports mean/std of the AUC across them")

@@ -25,7 +25,8 @@ def dtypes(model, inside_llava: bool) -> set:
 
 
 def build(base_model, tmp_path, model_flags: dict, training_flags: dict):
-    model_args = ModelArguments(base_model=str(base_model), lora_r=4, lora_dropout=0.0, num_cls_tokens=2, **model_flags)
+    model_args = ModelArguments(**{"base_model": str(base_model), "lora_r": 4, "lora_dropout": 0.0, "num_cls_tokens": 2,
+                                   **model_flags})
     training_args = RadZTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, **training_flags)
     model, processor = build_model(model_args, training_args)
     return model, processor, model_args
@@ -58,6 +59,20 @@ def test_dtype_reaches_the_llm_weights_and_the_heads_stay_float32(tmp_path):
     reloaded = LlavaRadZForZeroShotClassification.from_pretrained(tmp_path / "radz", dtype=torch.bfloat16)
     assert dtypes(reloaded, inside_llava=True) == {torch.bfloat16}
     assert dtypes(reloaded, inside_llava=False) == {torch.float32}  # _keep_in_fp32_modules_strict
+
+
+def test_a_full_llm_run_saves_in_the_loaded_dtype(tmp_path):
+    """--train_llm keeps float32 master weights of the whole LLM; the merged save goes back to bfloat16 (it once
+    wrote float32, twice the size of the base model)."""
+    save_tiny_llava(tmp_path / "llava")
+    flags = {"dtype": "bfloat16", "lora_r": 0, "train_llm": True}
+    model, _, model_args = build(tmp_path / "llava", tmp_path, flags, {"bf16": True})
+    trained = prepare_for_training(model, model_args)
+    llm = trained.llava.model.language_model
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in llm.parameters())
+    merged = merged_model(trained)
+    assert dtypes(merged, inside_llava=True) == {torch.bfloat16}
+    assert dtypes(merged, inside_llava=False) == {torch.float32}
 
 
 def test_attn_implementation_reaches_the_wrapped_configs(tmp_path):

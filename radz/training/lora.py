@@ -103,12 +103,17 @@ def non_adapter_state(model) -> dict:
 
 def merged_model(model):
     """The plain LlavaRadZForZeroShotClassification with LoRA and token deltas folded into the base weights, its
-    LLaVA model back in the dtype of its frozen weights (trained weights are float32 during training).
+    LLaVA model back in the dtype it was loaded in (trained weights are float32 during training).
 
     A 4-bit (QLoRA) model is de-quantised first, so that LoRA merges into bfloat16 weights (merging into 4-bit
     would quantise the sum a second time): the result is a bfloat16 model. The heads stay float32.
     """
     if not isinstance(model, PeftModel):
+        # --train_llm: float32 master weights everywhere, so the loaded dtype is the one the config recorded.
+        loaded = model.llava.config.dtype
+        loaded = getattr(torch, loaded) if isinstance(loaded, str) else loaded
+        if isinstance(loaded, torch.dtype) and loaded != torch.float32:
+            model.llava.to(loaded)
         return model
     base = unwrap(model)
     if is_quantized(base):
