@@ -36,13 +36,13 @@ try:
     from .explain_llava_radz import heatmap_method, label_heatmaps
     from .knowledge_llava_radz import describe_category, normalize_label, parse_descriptions  # noqa: F401
     from .radiograph_llava_radz import RadiographError, is_study, load_radiograph, study_files
-    from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
+    from .zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories, negation
 except ImportError:
     from calibration_llava_radz import calibrated_probabilities, resolve_calibration
     from explain_llava_radz import heatmap_method, label_heatmaps
     from knowledge_llava_radz import describe_category, normalize_label, parse_descriptions  # noqa: F401
     from radiograph_llava_radz import RadiographError, is_study, load_radiograph, study_files
-    from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories
+    from zero_shot_llava_radz import ZeroShotClassifier, build_zero_shot_classifier, label_categories, negation
 
 
 logger = logging.get_logger(__name__)
@@ -91,11 +91,14 @@ def chest_view_problems(facts: dict) -> list[str]:
     return problems
 
 
-def _check_template(template, option: str) -> str:
+def _check_template(template, option: str, shared_text_allowed: bool = False) -> str:
+    """A template with one `{}` where the label goes; with `shared_text_allowed`, also a fixed text (no braces)."""
     if not isinstance(template, str):
         raise TypeError(f"{option}: expected a string with one '{{}}', got {type(template).__name__}")
-    if template.count("{}") != 1:
-        raise ValueError(f"{option} {template!r} must contain '{{}}' exactly once (where the label goes)")
+    shared_text = shared_text_allowed and "{" not in template and "}" not in template and template.strip()
+    if template.count("{}") != 1 and not shared_text:
+        also = ", or a text without braces shared by every label" if shared_text_allowed else ""
+        raise ValueError(f"{option} {template!r} must contain '{{}}' exactly once (where the label goes){also}")
     return template
 
 
@@ -150,7 +153,10 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         use_knowledge (`True`, `False` or `"generate"`): score labels found in the processor's knowledge base against
             their DKAM anchor. `"generate"` first has the model's LLM describe labels the base lacks (once per label
             for the pipeline's lifetime) and adds them to `processor.knowledge`.
-        negative_template (`str`, defaults to `"no {}"`): the negation used by `multi_label`, inside every template.
+        negative_template (`str`, defaults to `"no {}"`): what `multi_label` scores each label against, inside every
+            template. Without `{}` it is one text for every label: `"No Finding"` scores each finding against a
+            normal study (docs/learning.md measures both). A label that is itself a negation ("No Finding") is
+            scored against the label without its "no" ("Finding").
         batch_size (`int`, defaults to 8): images (and prompts) per forward pass.
         window_index (`int`, defaults to 0): which of a DICOM's VOI LUTs or windows renders it.
         timeout (`float`, *optional*): seconds to wait for an image given as an http(s) URL.
@@ -240,7 +246,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
             templates = (_check_template(options["hypothesis_template"], "hypothesis_template"),)
         else:
             templates = None
-        _check_template(options["negative_template"], "negative_template")
+        _check_template(options["negative_template"], "negative_template", shared_text_allowed=True)
         if options["use_knowledge"] not in KNOWLEDGE_MODES:
             raise ValueError(f"use_knowledge={options['use_knowledge']!r}; expected True, False or 'generate'")
         if not isinstance(options["multi_label"], bool):
@@ -450,7 +456,7 @@ class LlavaRadZZeroShotImageClassificationPipeline(Pipeline):
         `max_text_tokens`: a warning (the text pass truncates it there), or an error with `truncation=False`."""
         limit = processor.max_text_tokens
         for label in labels:
-            texts = [label] + ([negative_template.format(label)] if negative_template else [])
+            texts = [label] + ([negation(label, negative_template)] if negative_template else [])
             length = max(len(processor.plain_text_ids(t.format(text))) for t in templates for text in texts)
             if length > limit:
                 shown = repr(label) if len(label) <= 60 else f"{label[:60]!r}… ({len(label)} characters)"

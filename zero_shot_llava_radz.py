@@ -3,7 +3,7 @@
 One builder, `build_zero_shot_classifier` (as open_clip's), serves the zero-shot pipeline and `RadZTrainer.evaluate`,
 so that the validation AUC measures the classifier users get. Per label: its DKAM anchor when the processor's
 knowledge base has the label, else the normalised mean over the prompt templates of its text embeddings; with
-`multi_label`, also the embeddings of its negation ("no {label}").
+`multi_label`, also the embeddings of its negation ("no {label}", or "Finding" for "No Finding": `negation`).
 
 This file is remote code: `LlavaRadZForZeroShotClassification.save_pretrained` copies it into every checkpoint,
 beside the pipeline that imports it. It depends only on torch and transformers (docs/design.md, "Remote code").
@@ -34,7 +34,7 @@ class ZeroShotClassifier:
         logit_scale (`torch.FloatTensor` of shape `()`): the model's `scale()`.
         alignment (`str`): the model's `config.alignment`: how prompts are compared with images (`alignment_logits`).
         negative_embeds / negative_local_embeds (`torch.FloatTensor` of shape `(K, projection_dim)`, multi-label
-            only): the same for the negated prompts (`negative_template` inside every template).
+            only): the same for the negated prompts (`negation` of each label, inside every template).
     """
 
     labels: tuple
@@ -72,6 +72,16 @@ class ZeroShotClassifier:
         return alignment_logits(image.embeds, embeds, image.local_embeds, local_embeds, scale, alignment)
 
 
+def negation(label: str, negative_template: str = "no {}") -> str:
+    """The text a multi-label classifier scores `label` against: `negative_template` around the label (a template
+    without `{}` is one text for every label, such as "No Finding"), except for a label that is itself a negation
+    ("No Finding", "No acute disease"), whose negation is the label without its leading "no" ("Finding"). "no No
+    Finding" reads as a normal study again: it inverted that label's scores (AUC 0.00 on the demo model without
+    anchors, 1.00 with this rule; docs/learning.md)."""
+    first, _, rest = label.strip().partition(" ")
+    return rest.strip() if first.lower() == "no" and rest.strip() else negative_template.format(label)
+
+
 def label_categories(processor, labels, use_knowledge: bool = True) -> list:
     """Per label, the knowledge category that anchors it (`processor.match_category`), or None; all None without
     `use_knowledge`."""
@@ -96,7 +106,7 @@ def build_zero_shot_classifier(
         labels: the label names, plain text.
         templates: prompt templates with `{}` for the label; a label's prompt embeddings are the normalised mean over
             them (the processor's text prompt wraps each). None: `model.config.label_template`.
-        multi_label: also embed each label's negation, `negative_template` inside every template.
+        multi_label: also embed each label's `negation` (`negative_template` around it), inside every template.
         use_knowledge: anchor the labels that `processor.match_category` finds; otherwise every label is a prompt.
         batch_size: prompts per text pass.
     Raises a `ValueError` naming the label or template that holds one of the tokenizer's special tokens: user text
@@ -120,7 +130,7 @@ def build_zero_shot_classifier(
         embeds[anchor_rows] = model.get_anchor_features(**encoded, num_categories=len(anchor_rows))
     negatives = (None, None)
     if multi_label:
-        texts = [negative_template.format(label) for label in labels]
+        texts = [negation(label, negative_template) for label in labels]
         negatives = _encode_prompts(model, processor, texts, templates, batch_size)
     anchored = torch.tensor([c is not None for c in categories], device=device)
     return ZeroShotClassifier(labels, anchored, embeds, local_embeds, model.scale(), model.config.alignment, *negatives)

@@ -120,6 +120,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     knowledge_group.add_argument("--no_knowledge", dest="use_knowledge", action="store_false",
                                  default=argparse.SUPPRESS,  # the default is --use_knowledge's
                                  help="radz: score every label by its prompt")
+    method.add_argument("--negative_template", default="no {}",
+                        help="radz --multi_label: what each label is scored against, '{}' = the label; without '{}', "
+                             "one text for every label, e.g. 'No Finding' (each finding against a normal study)")
     method.add_argument("--templates", help="file with one prompt template per line ('{}' = label): each is "
                                             "evaluated separately; reports mean/std of the AUC across them")
     method.add_argument("--batch_size", type=int, default=8, help="images per forward pass")

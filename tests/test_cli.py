@@ -76,7 +76,7 @@ def test_help_names_the_defaults_of_the_evaluation_protocol(capsys):
     assert protocol in text
     assert "--update_card add the results to the model card (README.md) of --model (default: False)" in text
     # A switch that turns a default off shows no default of its own (it once read "(default: True)").
-    assert "--no_knowledge radz: score every label by its prompt --templates" in text
+    assert "--no_knowledge radz: score every label by its prompt --negative_template" in text
 
 
 def test_the_checkout_scripts_are_the_package_commands():

@@ -151,3 +151,45 @@ def test_evaluate_rejects_a_label_with_special_tokens(loaded, images):
     dataset = datasets.Dataset.from_dict({"image": images[:2], "report": ["", ""], "labels": [[1.0], [0.0]]})
     with pytest.raises(ValueError, match="label '<TxtCls_3>' holds the special token"):
         zero_shot_scores(model, processor, dataset, ["<TxtCls_3>"], BATCH)
+
+
+@pytest.mark.parametrize(("label", "expected"), [
+    ("Cardiomegaly", "no Cardiomegaly"), ("Nodule", "no Nodule"), ("No Finding", "Finding"),
+    ("no acute cardiopulmonary process", "acute cardiopulmonary process"), ("No", "no No"),
+])  # fmt: skip
+def test_a_negated_label_is_negated_by_dropping_its_no(label, expected):
+    from zero_shot_llava_radz import negation
+
+    assert negation(label) == expected
+
+
+def test_the_multi_label_classifier_embeds_each_labels_negation(loaded):
+    from zero_shot_llava_radz import _encode_prompts
+
+    model, processor = loaded
+    labels = ["No Finding", "Edema"]
+    classifier = build_zero_shot_classifier(model, processor, labels, multi_label=True, use_knowledge=False)
+    expected, _ = _encode_prompts(model, processor, ["Finding", "no Edema"], (model.config.label_template,), 8)
+    torch.testing.assert_close(classifier.negative_embeds, expected)
+
+
+def test_a_negative_without_placeholder_is_one_reference_for_every_label(loaded, images):
+    """`negative_template="No Finding"`: each finding against a normal study, and "No Finding" against "Finding"."""
+    from zero_shot_llava_radz import _encode_prompts
+
+    model, processor = loaded
+    labels = ["Edema", "Nodule", "No Finding"]
+    classifier = build_zero_shot_classifier(
+        model, processor, labels, multi_label=True, use_knowledge=False, negative_template="No Finding"
+    )
+    expected, _ = _encode_prompts(model, processor, ["No Finding", "No Finding", "Finding"],
+                                  (model.config.label_template,), 8)
+    torch.testing.assert_close(classifier.negative_embeds, expected)
+    clf = LlavaRadZZeroShotImageClassificationPipeline(model=model, processor=processor, device="cpu")
+    shared = clf(images[:2], candidate_labels=labels, multi_label=True, use_knowledge=False,
+                 negative_template="No Finding")
+    negated = clf(images[:2], candidate_labels=labels, multi_label=True, use_knowledge=False)
+    assert {r["label"]: r["score"] for r in shared[0]}["No Finding"] == pytest.approx(
+        {r["label"]: r["score"] for r in negated[0]}["No Finding"], abs=1e-6)  # "Finding" either way
+    assert {r["label"]: r["score"] for r in shared[0]}["Edema"] != pytest.approx(
+        {r["label"]: r["score"] for r in negated[0]}["Edema"], abs=1e-6)

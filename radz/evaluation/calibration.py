@@ -141,8 +141,8 @@ def plot_reliability(curves: dict, path: Path, title: str, n_bins: int = DEFAULT
     plt.close(figure)
 
 
-def calibrate_checkpoint(model_dir, template, use_knowledge: bool, val_scores, validation, test_scores, test,
-                         out_dir: Path) -> tuple[dict, str]:
+def calibrate_checkpoint(model_dir, template, use_knowledge: bool, negative_template: str, val_scores, validation,
+                         test_scores, test, out_dir: Path) -> tuple[dict, str]:
     """`--calibrate`: fit on the validation scores, write `config.calibration` into `model_dir/config.json`, and
     report ECE / Brier before and after on the test split (`calibration.json`, `reliability_diagram.png`).
 
@@ -151,7 +151,7 @@ def calibrate_checkpoint(model_dir, template, use_knowledge: bool, val_scores, v
     """
     config_path = Path(model_dir) / "config.json"
     config = json.loads(config_path.read_text())
-    settings = calibration_settings([template or config["label_template"]], use_knowledge)
+    settings = calibration_settings([template or config["label_template"]], use_knowledge, negative_template)
     fitted_on = f"{validation.dataset} / {validation.split} ({len(validation.images)} images)"
     calibration = fit_calibration(val_scores, validation.label_matrix, validation.label_names, settings, fitted_on)
     config["calibration"] = calibration

@@ -56,6 +56,7 @@ class EvaluationConfig:
     labels: list[str] | None = None
     multi_label: bool | None = None  # None: per-label scores except for multi-class sets
     use_knowledge: bool = True
+    negative_template: str = "no {}"  # radz --multi_label: what each label is scored against
     method: str = "radz"
     threshold_protocol: str = "validation"
     validation_split: str | None = None  # None: the dataset's own (radz.datasets.DATASETS)
@@ -414,8 +415,9 @@ def _evaluate_template(config, scorer, test, validation, out_dir, base, started,
     record["compute"] = compute_record(stats, started)
     text = write_run_outputs(out_dir, record, metrics, test, outputs)
     if config.calibrate:
-        _, markdown = calibrate_checkpoint(config.model, scorer.template, config.use_knowledge, val_scores,
-                                           validation, outputs["score"], test, out_dir)
+        _, markdown = calibrate_checkpoint(config.model, scorer.template, config.use_knowledge,
+                                           config.negative_template, val_scores, validation, outputs["score"], test,
+                                           out_dir)
         text += "\n" + markdown
         (out_dir / "report.md").write_text(text)
     return json.loads((out_dir / "metrics.json").read_text()) | {"report_text": text}

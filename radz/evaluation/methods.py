@@ -43,14 +43,16 @@ class EvaluationError(ValueError):
 class RadZScorer(Scorer):
     """LLaVA-RadZ zero-shot scores through `pipeline("zero-shot-image-classification", model=dir, ...)`.
 
-    `multi_label`: each label against "no {label}" (a probability per label); otherwise a softmax over the labels.
-    `template` is the pipeline's `hypothesis_template` (None: the model's `config.label_template`).
+    `multi_label`: each label against its negation, `negative_template` ("no {label}"), a probability per label;
+    otherwise a softmax over the labels. `template` is the pipeline's `hypothesis_template` (None: the model's
+    `config.label_template`).
     """
 
     name = "radz"
     supports_templates = True
 
-    def __init__(self, model_dir: str, multi_label: bool, use_knowledge: bool, batch_size: int, device: str):
+    def __init__(self, model_dir: str, multi_label: bool, use_knowledge: bool, batch_size: int, device: str,
+                 negative_template: str = "no {}"):
         model_type = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).model_type
         if model_type != "llava_radz":
             raise EvaluationError(
@@ -59,10 +61,12 @@ class RadZScorer(Scorer):
             )
         self.pipe = pipeline(TASK, model=model_dir, trust_remote_code=True, device=device)
         self.multi_label, self.use_knowledge, self.batch_size = multi_label, use_knowledge, batch_size
+        self.negative_template = negative_template
         self.anchored: dict[str, bool] = {}
 
     def settings(self) -> dict:
-        return {**super().settings(), "multi_label": self.multi_label, "use_knowledge": self.use_knowledge}
+        settings = {**super().settings(), "multi_label": self.multi_label, "use_knowledge": self.use_knowledge}
+        return settings | ({"negative_template": self.negative_template} if self.multi_label else {})
 
     def score(self, images, labels) -> np.ndarray:
         results = self.pipe(
@@ -70,6 +74,7 @@ class RadZScorer(Scorer):
             candidate_labels=list(labels),
             multi_label=self.multi_label,
             use_knowledge=self.use_knowledge,
+            negative_template=self.negative_template,
             hypothesis_template=self.template,
             batch_size=self.batch_size,
             return_anchors=True,
@@ -97,7 +102,8 @@ def build_scorer(config, train=None) -> Scorer:
 
 
 def build_radz(config, train=None) -> RadZScorer:
-    return RadZScorer(config.model, config.multi_label, config.use_knowledge, config.batch_size, config.device)
+    return RadZScorer(config.model, config.multi_label, config.use_knowledge, config.batch_size, config.device,
+                      config.negative_template)
 
 
 register_method("radz", build_radz)
